@@ -1,0 +1,51 @@
+//! Logs go to stderr (stdout may be the event sink): human-readable on a
+//! terminal, JSON lines with `--log-format json` (or `auto` when stderr is
+//! not a terminal). `RUST_LOG` overrides the level.
+
+use std::io::IsTerminal;
+
+use clap::ValueEnum;
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    Text,
+    Json,
+}
+
+pub fn init(format: LogFormat, verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{default},graphdelta={default},rdkafka=warn,lapin=warn,hyper=warn,reqwest=warn"
+        ))
+    });
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_current_span(true),
+            )
+            .init();
+    } else {
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .init();
+    }
+}

@@ -1,0 +1,294 @@
+//! Command-line glue: parse flags, load the connector file, call the library,
+//! print results. Errors here are `anyhow` with the library's message.
+
+pub mod logging;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use graphdelta::{
+    checkpoint::{self, Store},
+    config::Config,
+    graph, proto,
+    runtime::{self, RunOptions},
+};
+use tokio_util::sync::CancellationToken;
+
+/// Microsoft Graph delta queries as an event stream.
+#[derive(Debug, Parser)]
+#[command(name = "graphdelta", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "GRAPHDELTA_LOG_FORMAT"
+    )]
+    pub log_format: logging::LogFormat,
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the connector: every stream, polling until SIGTERM (or once).
+    Run {
+        /// The connector file.
+        #[arg(long, short, env = "GRAPHDELTA_CONFIG")]
+        config: PathBuf,
+        /// One complete round per stream, commit, exit 0.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Parse and check a connector file (including that secrets resolve).
+    Validate {
+        #[arg(long, short, env = "GRAPHDELTA_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print each stream's checkpoint: phase, age, objects remembered, link host.
+    Status {
+        #[arg(long, short, env = "GRAPHDELTA_CONFIG")]
+        config: PathBuf,
+    },
+    /// Forget a stream's checkpoint and memory (its next run starts over).
+    Reset {
+        #[arg(long, short, env = "GRAPHDELTA_CONFIG")]
+        config: PathBuf,
+        /// The stream to forget.
+        #[arg(long)]
+        stream: String,
+        /// Confirm: without it nothing is removed.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Write the event schema's protobuf descriptor set.
+    Schema {
+        /// Output file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub async fn dispatch(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Run { config, once } => run(config, once).await,
+        Command::Validate { config } => validate(config),
+        Command::Status { config } => status(config),
+        Command::Reset {
+            config,
+            stream,
+            yes,
+        } => reset(config, &stream, yes),
+        Command::Schema { out } => schema(out),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit code for configuration errors.
+const EXIT_CONFIG: u8 = 2;
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// SIGINT/SIGTERM cancel the token (drain and exit 0); a second signal exits
+/// at once (the checkpoint simply stays behind the unacknowledged batches).
+fn install_signal_handlers(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot install the SIGTERM handler.");
+                    return;
+                }
+            };
+        let mut signals = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            signals += 1;
+            if signals == 1 {
+                tracing::info!(
+                    "Shutting down: finishing in-flight batches (signal again to exit at once)."
+                );
+                shutdown.cancel();
+            } else {
+                tracing::warn!(
+                    "Second signal: exiting now; unacknowledged pages will be read again on restart."
+                );
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn run(path: PathBuf, once: bool) -> anyhow::Result<ExitCode> {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let shutdown = CancellationToken::new();
+    install_signal_handlers(shutdown.clone());
+    let options = RunOptions {
+        once,
+        shutdown,
+        status: Default::default(),
+    };
+    match runtime::run(&config, options).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(runtime::RunError::Config(e)) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let resolved = match config.resolve() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    println!(
+        "{}: OK ({} stream{}, sink {})",
+        path.display(),
+        resolved.len(),
+        if resolved.len() == 1 { "" } else { "s" },
+        config.sink.kind()
+    );
+    for r in &resolved {
+        println!(
+            "  {}: {} from {} (tenant {}), every {}",
+            r.stream.name,
+            r.stream.resource,
+            graph::host_of(r.graph.base_url.as_str()),
+            r.graph.tenant_id,
+            humantime::format_duration(r.stream.poll_interval)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(path: PathBuf) -> anyhow::Result<ExitCode> {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let now = std::time::SystemTime::now();
+    for s in &config.streams {
+        let Some(store) = Store::open_read_only(&config.checkpoint.path, &s.name)? else {
+            println!(
+                "{}: no checkpoint yet (the next run starts with a full round)",
+                s.name
+            );
+            continue;
+        };
+        let Some(cp) = store.load_checkpoint()? else {
+            println!("{}: no checkpoint yet", s.name);
+            continue;
+        };
+        let age = cp
+            .committed_at
+            .map(|t| {
+                let at = std::time::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, 0);
+                let secs = now.duration_since(at).unwrap_or_default().as_secs();
+                humantime::format_duration(Duration::from_secs(secs)).to_string()
+            })
+            .unwrap_or_else(|| "never".to_string());
+        let link = if cp.link.is_empty() {
+            "initial request".to_string()
+        } else {
+            format!(
+                "{} on {}",
+                if cp.phase() == proto::v1::Phase::Incremental
+                    || cp.phase() == proto::v1::Phase::Reconcile
+                {
+                    "deltaLink"
+                } else {
+                    "nextLink"
+                },
+                graph::host_of(&cp.link)
+            )
+        };
+        println!(
+            "{}: phase {}, round {}, last commit {} ago, {} objects remembered, next: {}",
+            s.name,
+            runtime::status::phase_name(cp.phase()),
+            cp.round,
+            age,
+            store.object_count()?,
+            link
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reset(path: PathBuf, stream: &str, yes: bool) -> anyhow::Result<ExitCode> {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    if !config.streams.iter().any(|s| s.name == stream) {
+        eprintln!(
+            "error: no stream `{stream}` in {}; streams: {}",
+            path.display(),
+            config
+                .streams
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    if !yes {
+        eprintln!(
+            "This forgets stream `{stream}`'s checkpoint and memory: its next run re-reads the whole directory and announces every object as CREATED again. Add --yes to confirm."
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    if checkpoint::reset(&config.checkpoint.path, stream)? {
+        println!("{stream}: checkpoint removed");
+    } else {
+        println!("{stream}: had no checkpoint");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schema(out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    match out {
+        Some(path) => std::fs::write(&path, proto::FILE_DESCRIPTOR_SET)?,
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(proto::FILE_DESCRIPTOR_SET)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,152 @@
+//! One delta response page: `value` plus exactly one of `@odata.nextLink`
+//! (more pages) or `@odata.deltaLink` (round complete). A page that breaks
+//! these rules is malformed and never reaches the normalizer.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// A parsed delta page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// The objects of `value`, each a JSON object with a string `id`.
+    pub objects: Vec<Map<String, Value>>,
+    /// Where the round continues, or where the next round starts.
+    pub link: PageLink,
+    /// Size of the HTTP body, for metrics.
+    pub body_bytes: usize,
+}
+
+/// The link a page ends with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageLink {
+    /// `@odata.nextLink`: the round has more pages.
+    Next(String),
+    /// `@odata.deltaLink`: the round is complete; start the next round here.
+    Delta(String),
+}
+
+impl PageLink {
+    pub fn url(&self) -> &str {
+        match self {
+            PageLink::Next(u) | PageLink::Delta(u) => u,
+        }
+    }
+
+    pub fn is_delta(&self) -> bool {
+        matches!(self, PageLink::Delta(_))
+    }
+}
+
+#[derive(Deserialize)]
+struct RawPage {
+    #[serde(rename = "@odata.nextLink", default)]
+    next_link: Option<String>,
+    #[serde(rename = "@odata.deltaLink", default)]
+    delta_link: Option<String>,
+    value: Option<Vec<Value>>,
+}
+
+/// Parses and checks a page body. The error explains what is wrong without
+/// quoting the body (which may be large or hold personal data).
+pub fn parse_page(body: &[u8]) -> Result<Page, String> {
+    let raw: RawPage = serde_json::from_slice(body).map_err(|e| {
+        if e.is_eof() {
+            format!(
+                "body ends early ({} bytes received): truncated response",
+                body.len()
+            )
+        } else {
+            format!("invalid JSON: {e}")
+        }
+    })?;
+    let Some(value) = raw.value else {
+        return Err("no `value` array".to_string());
+    };
+    let link = match (raw.next_link, raw.delta_link) {
+        (Some(next), None) => PageLink::Next(next),
+        (None, Some(delta)) => PageLink::Delta(delta),
+        (Some(_), Some(_)) => {
+            return Err("both @odata.nextLink and @odata.deltaLink are present".to_string());
+        }
+        (None, None) => {
+            return Err("neither @odata.nextLink nor @odata.deltaLink is present".to_string());
+        }
+    };
+    let mut objects = Vec::with_capacity(value.len());
+    for (i, item) in value.into_iter().enumerate() {
+        let Value::Object(object) = item else {
+            return Err(format!("value[{i}] is not a JSON object"));
+        };
+        match object.get("id") {
+            Some(Value::String(id)) if !id.is_empty() => {}
+            Some(_) => {
+                return Err(format!(
+                    "value[{i}] has an `id` that is not a non-empty string"
+                ));
+            }
+            None => return Err(format!("value[{i}] has no `id`")),
+        }
+        objects.push(object);
+    }
+    Ok(Page {
+        objects,
+        link,
+        body_bytes: body.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_and_delta_pages() {
+        let p = parse_page(br#"{"@odata.nextLink":"https://g/next","value":[{"id":"a","x":1}]}"#)
+            .unwrap();
+        assert_eq!(p.link, PageLink::Next("https://g/next".into()));
+        assert_eq!(p.objects.len(), 1);
+        let p =
+            parse_page(br#"{"@odata.context":"c","@odata.deltaLink":"https://g/d","value":[]}"#)
+                .unwrap();
+        assert!(p.link.is_delta());
+        assert!(p.objects.is_empty());
+    }
+
+    #[test]
+    fn broken_pages_are_explained() {
+        let full = br#"{"@odata.nextLink":"https://g/next","value":[{"id":"a"}]}"#;
+        let err = parse_page(&full[..full.len() - 5]).unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+        assert!(
+            parse_page(br#"{"value":[]}"#)
+                .unwrap_err()
+                .contains("neither")
+        );
+        assert!(
+            parse_page(br#"{"@odata.deltaLink":"d","value":[{"displayName":"x"}]}"#)
+                .unwrap_err()
+                .contains("no `id`")
+        );
+        assert!(
+            parse_page(br#"{"@odata.deltaLink":"d","value":[1]}"#)
+                .unwrap_err()
+                .contains("not a JSON object")
+        );
+        assert!(
+            parse_page(br#"{"@odata.deltaLink":"d","@odata.nextLink":"n","value":[]}"#)
+                .unwrap_err()
+                .contains("both")
+        );
+        assert!(
+            parse_page(br#"{"@odata.deltaLink":"d"}"#)
+                .unwrap_err()
+                .contains("value")
+        );
+        // Microsoft's own example 3 of directoryObject delta has a trailing comma.
+        assert!(
+            parse_page(br#"{"@odata.deltaLink":"d","value":[{"id":"a",}]}"#)
+                .unwrap_err()
+                .contains("invalid JSON")
+        );
+    }
+}

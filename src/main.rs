@@ -1,0 +1,28 @@
+//! The `graphdelta` command. The pipeline itself lives in the connector file
+//! (`connectors/*.toml`); flags only choose what to do with it.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::logging::init(args.log_format, args.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("graphdelta")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(cli::dispatch(args));
+    // Stream tasks are done; don't wait for blocking I/O threads.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}

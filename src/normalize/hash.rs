@@ -1,0 +1,107 @@
+//! Stable hashes of property names and JSON values: the compact memory that
+//! lets the normalizer compute exact changed-property lists without keeping
+//! any object's JSON.
+//!
+//! The encoding is part of the checkpoint format: changing it makes every
+//! remembered property look changed once. xxh3 is a fixed, documented
+//! algorithm, so the values are stable across versions and platforms.
+
+use serde_json::Value;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+/// Hash of a property name.
+pub fn name_hash(name: &str) -> u64 {
+    xxh3_64(name.as_bytes())
+}
+
+/// Hash of a JSON value, independent of formatting and of object key order.
+/// `null` has no hash: a property set to null is remembered as absent, which
+/// is also how Graph reports a property that was never set.
+pub fn value_hash(value: &Value) -> Option<u64> {
+    if value.is_null() {
+        return None;
+    }
+    let mut hasher = Xxh3::new();
+    feed(&mut hasher, value);
+    Some(hasher.digest())
+}
+
+fn feed(h: &mut Xxh3, value: &Value) {
+    match value {
+        Value::Null => h.update(b"n"),
+        Value::Bool(true) => h.update(b"t"),
+        Value::Bool(false) => h.update(b"f"),
+        Value::Number(n) => {
+            h.update(b"d");
+            // Graph numbers are integers or short decimals; their shortest
+            // round-trip form is canonical for equal values.
+            if let Some(i) = n.as_i64() {
+                h.update(&i.to_le_bytes());
+            } else if let Some(u) = n.as_u64() {
+                h.update(&u.to_le_bytes());
+            } else if let Some(f) = n.as_f64() {
+                h.update(&f.to_bits().to_le_bytes());
+            }
+        }
+        Value::String(s) => {
+            h.update(b"s");
+            h.update(&(s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+        Value::Array(items) => {
+            h.update(b"a");
+            h.update(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                feed(h, item);
+            }
+        }
+        Value::Object(map) => {
+            h.update(b"o");
+            h.update(&(map.len() as u64).to_le_bytes());
+            // Sort explicitly: serde_json's map is ordered by key unless some
+            // crate in the build enables `preserve_order`.
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (k, v) in entries {
+                h.update(&(k.len() as u64).to_le_bytes());
+                h.update(k.as_bytes());
+                feed(h, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn equal_values_hash_equal_regardless_of_format() {
+        let a: Value = serde_json::from_str(r#"{"b": [1, "x"], "a": true}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":true,"b":[1,"\u0078"]}"#).unwrap();
+        assert_eq!(value_hash(&a), value_hash(&b));
+    }
+
+    #[test]
+    fn different_values_hash_differently() {
+        let values = [
+            json!("1"),
+            json!(1),
+            json!(true),
+            json!([]),
+            json!({}),
+            json!([""]),
+            json!(["", ""]),
+            json!({"a": 1}),
+            json!({"a": "1"}),
+            json!(1.5),
+        ];
+        let mut hashes: Vec<u64> = values.iter().map(|v| value_hash(v).unwrap()).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), values.len());
+        assert_eq!(value_hash(&Value::Null), None);
+    }
+}

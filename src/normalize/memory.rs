@@ -1,0 +1,284 @@
+//! The connector's memory of objects and memberships, as the normalizer sees
+//! it: committed state from the checkpoint store, overlaid by the state
+//! changes of batches that were normalized but are not committed yet (they
+//! may still be in flight to the broker).
+//!
+//! A batch's [`StateWrites`] are the final states of what the batch touched;
+//! they are committed in the same transaction as the batch's checkpoint, and
+//! dropped from the [`Overlay`] once that commit happened. After a crash the
+//! overlay is gone and the memory is exactly the committed state, so replayed
+//! pages produce the same events with the same ids.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::{
+    checkpoint::{CheckpointError, Store},
+    proto::v1::ObjectState,
+};
+
+/// A membership: `member` is in `group`'s `relationship` (e.g. `members`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub group: String,
+    pub relationship: String,
+    pub member: String,
+}
+
+/// What is remembered of a membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRow {
+    /// `@odata.type` of the member without `#`, or empty.
+    pub member_type: String,
+    /// The full round in which the membership was last listed.
+    pub seen_round: u64,
+}
+
+/// Read access to what the connector remembers.
+pub trait MemoryView {
+    fn object(&mut self, id: &str) -> Result<Option<ObjectState>, CheckpointError>;
+    fn member(&mut self, key: &MemberKey) -> Result<Option<MemberRow>, CheckpointError>;
+}
+
+/// The state changes of one batch: final values, applied in one transaction.
+#[derive(Debug, Default, Clone)]
+pub struct StateWrites {
+    /// Objects to store (`Some`) or forget (`None`, hard-deleted).
+    pub objects: HashMap<String, Option<ObjectState>>,
+    /// Groups whose every membership is forgotten (the group was
+    /// hard-deleted); applied before `members`.
+    pub forgotten_groups: HashSet<String>,
+    /// Memberships to store (`Some`) or forget (`None`).
+    pub members: HashMap<MemberKey, Option<MemberRow>>,
+}
+
+impl StateWrites {
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty() && self.forgotten_groups.is_empty() && self.members.is_empty()
+    }
+
+    /// Forgets all of `group`'s memberships, including ones written earlier
+    /// in this batch.
+    pub fn forget_group(&mut self, group: &str) {
+        self.members.retain(|k, _| k.group != group);
+        self.forgotten_groups.insert(group.to_string());
+    }
+}
+
+/// State changes of normalized but uncommitted batches, newest wins.
+#[derive(Debug, Default)]
+pub struct Overlay {
+    objects: HashMap<String, (u64, Option<ObjectState>)>,
+    members: HashMap<MemberKey, (u64, Option<MemberRow>)>,
+    forgotten_groups: HashMap<String, u64>,
+}
+
+impl Overlay {
+    /// Records batch `seq`'s writes (batches are applied in sequence order).
+    pub fn apply(&mut self, seq: u64, writes: &StateWrites) {
+        for group in &writes.forgotten_groups {
+            self.members.retain(|k, _| &k.group != group);
+            self.forgotten_groups.insert(group.clone(), seq);
+        }
+        for (key, row) in &writes.members {
+            self.members.insert(key.clone(), (seq, row.clone()));
+        }
+        for (id, state) in &writes.objects {
+            self.objects.insert(id.clone(), (seq, state.clone()));
+        }
+    }
+
+    /// Drops what batches up to `committed_seq` wrote: the store has it now.
+    pub fn release(&mut self, committed_seq: u64) {
+        self.objects.retain(|_, (seq, _)| *seq > committed_seq);
+        self.members.retain(|_, (seq, _)| *seq > committed_seq);
+        self.forgotten_groups.retain(|_, seq| *seq > committed_seq);
+    }
+
+    pub fn clear(&mut self) {
+        *self = Overlay::default();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty() && self.members.is_empty() && self.forgotten_groups.is_empty()
+    }
+
+    /// The overlay in front of the committed store.
+    pub fn view<'a>(&'a self, store: &'a Store) -> OverlayView<'a> {
+        OverlayView {
+            overlay: self,
+            store,
+        }
+    }
+}
+
+/// [`MemoryView`] of the overlay in front of the store.
+pub struct OverlayView<'a> {
+    overlay: &'a Overlay,
+    store: &'a Store,
+}
+
+impl MemoryView for OverlayView<'_> {
+    fn object(&mut self, id: &str) -> Result<Option<ObjectState>, CheckpointError> {
+        match self.overlay.objects.get(id) {
+            Some((_, state)) => Ok(state.clone()),
+            None => self.store.object(id),
+        }
+    }
+
+    fn member(&mut self, key: &MemberKey) -> Result<Option<MemberRow>, CheckpointError> {
+        if let Some((_, row)) = self.overlay.members.get(key) {
+            return Ok(row.clone());
+        }
+        if self.overlay.forgotten_groups.contains_key(&key.group) {
+            return Ok(None);
+        }
+        self.store.member(key)
+    }
+}
+
+/// A plain in-memory [`MemoryView`], for tests and tools.
+#[derive(Debug, Default)]
+pub struct MapMemory {
+    pub objects: HashMap<String, ObjectState>,
+    pub members: HashMap<MemberKey, MemberRow>,
+}
+
+impl MapMemory {
+    /// Applies a batch's writes as a commit would.
+    pub fn commit(&mut self, writes: &StateWrites) {
+        for group in &writes.forgotten_groups {
+            self.members.retain(|k, _| &k.group != group);
+        }
+        for (key, row) in &writes.members {
+            match row {
+                Some(row) => {
+                    self.members.insert(key.clone(), row.clone());
+                }
+                None => {
+                    self.members.remove(key);
+                }
+            }
+        }
+        for (id, state) in &writes.objects {
+            match state {
+                Some(state) => {
+                    self.objects.insert(id.clone(), state.clone());
+                }
+                None => {
+                    self.objects.remove(id);
+                }
+            }
+        }
+    }
+}
+
+impl MemoryView for MapMemory {
+    fn object(&mut self, id: &str) -> Result<Option<ObjectState>, CheckpointError> {
+        Ok(self.objects.get(id).cloned())
+    }
+
+    fn member(&mut self, key: &MemberKey) -> Result<Option<MemberRow>, CheckpointError> {
+        Ok(self.members.get(key).cloned())
+    }
+}
+
+/// Accessors for the sorted `(name hash, value hash)` pairs of an
+/// [`ObjectState`].
+pub trait PropertyHashes {
+    fn property_hash(&self, name: u64) -> Option<u64>;
+    fn set_property_hash(&mut self, name: u64, value: Option<u64>);
+    fn property_count(&self) -> usize;
+}
+
+impl PropertyHashes for ObjectState {
+    fn property_hash(&self, name: u64) -> Option<u64> {
+        let pairs = &self.property_hashes;
+        let n = pairs.len() / 2;
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match pairs[2 * mid].cmp(&name) {
+                std::cmp::Ordering::Equal => return Some(pairs[2 * mid + 1]),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        None
+    }
+
+    fn set_property_hash(&mut self, name: u64, value: Option<u64>) {
+        let pairs = &mut self.property_hashes;
+        let n = pairs.len() / 2;
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match pairs[2 * mid].cmp(&name) {
+                std::cmp::Ordering::Equal => {
+                    match value {
+                        Some(v) => pairs[2 * mid + 1] = v,
+                        None => {
+                            pairs.drain(2 * mid..2 * mid + 2);
+                        }
+                    }
+                    return;
+                }
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        if let Some(v) = value {
+            pairs.splice(2 * lo..2 * lo, [name, v]);
+        }
+    }
+
+    fn property_count(&self) -> usize {
+        self.property_hashes.len() / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn property_hashes_stay_sorted() {
+        let mut s = ObjectState::default();
+        for (n, v) in [(5u64, 50u64), (1, 10), (9, 90), (3, 30)] {
+            s.set_property_hash(n, Some(v));
+        }
+        assert_eq!(s.property_hashes, vec![1, 10, 3, 30, 5, 50, 9, 90]);
+        assert_eq!(s.property_hash(5), Some(50));
+        assert_eq!(s.property_hash(4), None);
+        s.set_property_hash(5, Some(55));
+        s.set_property_hash(3, None);
+        assert_eq!(s.property_hashes, vec![1, 10, 5, 55, 9, 90]);
+        s.set_property_hash(7, None);
+        assert_eq!(s.property_count(), 3);
+    }
+
+    #[test]
+    fn overlay_forgets_group_members_and_releases_in_order() {
+        let mut o = Overlay::default();
+        let key = |m: &str| MemberKey {
+            group: "g".into(),
+            relationship: "members".into(),
+            member: m.into(),
+        };
+        let row = MemberRow {
+            member_type: String::new(),
+            seen_round: 1,
+        };
+        let mut w1 = StateWrites::default();
+        w1.members.insert(key("a"), Some(row.clone()));
+        o.apply(1, &w1);
+        let mut w2 = StateWrites::default();
+        w2.forget_group("g");
+        o.apply(2, &w2);
+        assert!(!o.members.contains_key(&key("a")));
+        assert_eq!(o.forgotten_groups.get("g"), Some(&2));
+        o.release(1);
+        assert!(!o.is_empty());
+        o.release(2);
+        assert!(o.is_empty());
+    }
+}

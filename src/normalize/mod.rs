@@ -1,0 +1,940 @@
+//! From Graph objects to [`ChangeEvent`]s.
+//!
+//! Graph says only "this object is in the round" (or `@removed`); what kind
+//! of change it is follows from the connector's memory ([`memory`]):
+//!
+//! | Graph sends                         | memory                 | event                        |
+//! |-------------------------------------|------------------------|------------------------------|
+//! | object, no annotation               | unknown                | CREATED                      |
+//! | object, no annotation               | live                   | UPDATED if a tracked property or membership changed, else nothing |
+//! | object, no annotation               | soft-deleted           | RESTORED                     |
+//! | `@removed: {"reason": "changed"}`   | unknown or live        | SOFT_DELETED                 |
+//! | `@removed: {"reason": "changed"}`   | soft-deleted           | nothing (a replay)           |
+//! | `@removed: {"reason": "deleted"}`   | any                    | HARD_DELETED, memory forgets |
+//!
+//! Changed properties are computed against per-property hashes ([`hash`]),
+//! so they are exact in both response modes: under `Prefer: return=minimal`
+//! they are the properties present whose value differs from memory. Every
+//! `<relationship>@delta` entry becomes a [`MemberChange`]; an added member
+//! the memory already has is a replay and is not reported again.
+//!
+//! Event ids are UUIDv5 of (object id, per-object version, change type,
+//! content hash) under a namespace per tenant and stream: re-normalizing the
+//! same page from the same committed memory, as after a crash, yields the
+//! same ids.
+
+pub mod hash;
+pub mod memory;
+
+use std::time::SystemTime;
+
+use pbjson_types::{ListValue, Struct, Timestamp, Value as PbValue, value::Kind};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+use xxhash_rust::xxh3::Xxh3;
+
+use self::memory::{MemberKey, MemberRow, MemoryView, PropertyHashes, StateWrites};
+use crate::{
+    checkpoint::CheckpointError,
+    config::ResolvedStream,
+    proto::v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType, ObjectState},
+};
+
+/// The stream an object belongs to.
+#[derive(Debug, Clone)]
+pub struct StreamContext {
+    pub tenant_id: String,
+    pub stream: String,
+    pub resource: String,
+    /// Type of objects that carry no `@odata.type`.
+    pub default_object_type: String,
+    /// Whether full rounds list every membership of every group.
+    pub tracks_members: bool,
+    namespace: Uuid,
+}
+
+impl StreamContext {
+    pub fn new(
+        tenant_id: &str,
+        stream: &str,
+        resource: &str,
+        default_object_type: &str,
+        tracks_members: bool,
+    ) -> Self {
+        let namespace = Uuid::new_v5(
+            &Uuid::NAMESPACE_URL,
+            format!("graphdelta:{tenant_id}:{stream}").as_bytes(),
+        );
+        Self {
+            tenant_id: tenant_id.to_string(),
+            stream: stream.to_string(),
+            resource: resource.to_string(),
+            default_object_type: default_object_type.to_string(),
+            tracks_members,
+            namespace,
+        }
+    }
+
+    pub fn from_resolved(r: &ResolvedStream) -> Self {
+        Self::new(
+            &r.graph.tenant_id,
+            &r.stream.name,
+            &r.stream.resource,
+            r.default_object_type(),
+            r.stream.tracks_members(),
+        )
+    }
+
+    /// Relationships whose memberships a full round lists completely, so
+    /// that reconciliation may infer removals.
+    pub fn reconciled_relationships(&self) -> &'static [&'static str] {
+        if self.tracks_members {
+            &["members"]
+        } else {
+            &[]
+        }
+    }
+}
+
+/// The round a page belongs to.
+#[derive(Debug, Clone)]
+pub struct RoundContext {
+    /// Number of the latest full round (objects seen are marked with it).
+    pub round: u64,
+    /// True in full rounds (initial, resync): events get `snapshot = true`.
+    pub snapshot: bool,
+    pub observed_at: Timestamp,
+}
+
+impl RoundContext {
+    pub fn now(round: u64, snapshot: bool) -> Self {
+        Self {
+            round,
+            snapshot,
+            observed_at: timestamp(SystemTime::now()),
+        }
+    }
+}
+
+/// A protobuf timestamp.
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// The events of a page and the memory changes that go with them.
+#[derive(Debug, Default)]
+pub struct Normalized {
+    pub events: Vec<ChangeEvent>,
+    pub writes: StateWrites,
+}
+
+/// An object Graph sent that cannot be turned into an event. The page is
+/// rejected as a whole: nothing of it is published or committed.
+#[derive(Debug, thiserror::Error)]
+pub enum NormalizeError {
+    #[error(
+        "object `{id}`: unknown @removed reason `{reason}` (Graph documents `changed` and `deleted`); the page is not committed"
+    )]
+    UnknownRemovedReason { id: String, reason: String },
+    #[error(
+        "object `{id}`: entry {index} of `{relationship}@delta` has no string `id`; the page is not committed"
+    )]
+    BadRelationshipEntry {
+        id: String,
+        relationship: String,
+        index: usize,
+    },
+    #[error("object `{id}`: `{relationship}@delta` is not an array; the page is not committed")]
+    BadRelationship { id: String, relationship: String },
+    #[error("an object has no string `id`; the page is not committed")]
+    MissingId,
+    #[error(transparent)]
+    Memory(#[from] CheckpointError),
+}
+
+enum Removed {
+    No,
+    Changed,
+    Deleted,
+}
+
+/// Normalizes one page. `memory` is what was committed (plus pending
+/// batches); the result's writes must be committed with the page's
+/// checkpoint.
+pub fn normalize_page(
+    ctx: &StreamContext,
+    round: &RoundContext,
+    objects: Vec<Map<String, Value>>,
+    memory: &mut dyn MemoryView,
+) -> Result<Normalized, NormalizeError> {
+    let mut n = Normalizer {
+        ctx,
+        round,
+        memory,
+        out: Normalized::default(),
+    };
+    for object in objects {
+        n.object(object)?;
+    }
+    Ok(n.out)
+}
+
+struct Normalizer<'a> {
+    ctx: &'a StreamContext,
+    round: &'a RoundContext,
+    memory: &'a mut dyn MemoryView,
+    out: Normalized,
+}
+
+impl Normalizer<'_> {
+    fn current_object(&mut self, id: &str) -> Result<Option<ObjectState>, CheckpointError> {
+        match self.out.writes.objects.get(id) {
+            Some(state) => Ok(state.clone()),
+            None => self.memory.object(id),
+        }
+    }
+
+    fn current_member(&mut self, key: &MemberKey) -> Result<Option<MemberRow>, CheckpointError> {
+        if let Some(row) = self.out.writes.members.get(key) {
+            return Ok(row.clone());
+        }
+        if self.out.writes.forgotten_groups.contains(&key.group) {
+            return Ok(None);
+        }
+        self.memory.member(key)
+    }
+
+    fn object(&mut self, mut object: Map<String, Value>) -> Result<(), NormalizeError> {
+        let id = match object.remove("id") {
+            Some(Value::String(id)) if !id.is_empty() => id,
+            _ => return Err(NormalizeError::MissingId),
+        };
+        let removed = match object.remove("@removed") {
+            None => Removed::No,
+            Some(v) => match v.get("reason").and_then(Value::as_str) {
+                Some("changed") => Removed::Changed,
+                Some("deleted") => Removed::Deleted,
+                other => {
+                    return Err(NormalizeError::UnknownRemovedReason {
+                        id,
+                        reason: other.unwrap_or("<missing>").to_string(),
+                    });
+                }
+            },
+        };
+        let sent_type = match object.remove("@odata.type") {
+            Some(Value::String(t)) => Some(t.trim_start_matches('#').to_string()),
+            _ => None,
+        };
+        let relationship_deltas = extract_relationship_deltas(&id, &mut object)?;
+        // What remains minus annotations (`@odata.etag`, `x@odata.context`,
+        // ...) is the object's properties as Graph returned them.
+        object.retain(|k, _| !k.starts_with('@') && !k.contains("@odata."));
+
+        let previous = self.current_object(&id)?;
+        let object_type = sent_type
+            .or_else(|| {
+                previous
+                    .as_ref()
+                    .map(|p| p.object_type.clone())
+                    .filter(|t| !t.is_empty())
+            })
+            .unwrap_or_else(|| self.ctx.default_object_type.clone());
+
+        let mut state = previous.clone().unwrap_or_default();
+        state.seen_round = self.round.round;
+        state.object_type = if object_type == self.ctx.default_object_type {
+            String::new()
+        } else {
+            object_type.clone()
+        };
+
+        let mut content = Xxh3::new();
+        let (change_type, changed) = match removed {
+            Removed::Deleted => {
+                self.out.writes.forget_group(&id);
+                (Some(ChangeType::HardDeleted), Vec::new())
+            }
+            Removed::Changed => {
+                let replay = previous.as_ref().is_some_and(|p| p.soft_deleted);
+                state.soft_deleted = true;
+                (
+                    if replay {
+                        None
+                    } else {
+                        Some(ChangeType::SoftDeleted)
+                    },
+                    Vec::new(),
+                )
+            }
+            Removed::No => {
+                let changed =
+                    diff_properties(&object, &mut state, previous.is_none(), &mut content);
+                let kind = match &previous {
+                    None => Some(ChangeType::Created),
+                    Some(p) if p.soft_deleted => Some(ChangeType::Restored),
+                    Some(_) => Some(ChangeType::Updated),
+                };
+                state.soft_deleted = false;
+                (kind, changed)
+            }
+        };
+
+        let mut member_changes = Vec::new();
+        if !matches!(removed, Removed::Deleted) {
+            for (relationship, entries) in relationship_deltas {
+                for entry in entries {
+                    if let Some(change) =
+                        self.member_entry(&id, &relationship, entry, &mut content)?
+                    {
+                        member_changes.push(change);
+                    }
+                }
+            }
+        }
+
+        let change_type = match change_type {
+            Some(ChangeType::Updated) if changed.is_empty() && member_changes.is_empty() => None,
+            other => other,
+        };
+
+        match change_type {
+            None => {
+                // Nothing to report; remember that the object was seen.
+                if previous.as_ref() != Some(&state) {
+                    self.out.writes.objects.insert(id, Some(state));
+                }
+            }
+            Some(change_type) => {
+                state.version += 1;
+                let version = state.version;
+                let properties = to_struct(object);
+                let event = self.event(EventParts {
+                    id: &id,
+                    object_type,
+                    change_type,
+                    version,
+                    properties: Some(properties),
+                    changed_properties: changed,
+                    member_changes,
+                    inferred: false,
+                    content: content.digest(),
+                });
+                self.out.events.push(event);
+                let write = match change_type {
+                    ChangeType::HardDeleted => None,
+                    _ => Some(state),
+                };
+                self.out.writes.objects.insert(id, write);
+            }
+        }
+        Ok(())
+    }
+
+    /// One `<relationship>@delta` entry: returns the change to report, if
+    /// it is one, and updates the membership memory.
+    fn member_entry(
+        &mut self,
+        group: &str,
+        relationship: &str,
+        entry: (String, String, bool),
+        content: &mut Xxh3,
+    ) -> Result<Option<MemberChange>, CheckpointError> {
+        let (member, member_type, removed) = entry;
+        let key = MemberKey {
+            group: group.to_string(),
+            relationship: relationship.to_string(),
+            member,
+        };
+        let current = self.current_member(&key)?;
+        let change = if removed {
+            self.out.writes.members.insert(key.clone(), None);
+            Some(MemberChangeType::MemberChangeRemoved)
+        } else {
+            let row = MemberRow {
+                member_type: member_type.clone(),
+                seen_round: self.round.round,
+            };
+            let known = current.is_some();
+            if current.as_ref() != Some(&row) {
+                self.out.writes.members.insert(key.clone(), Some(row));
+            }
+            (!known).then_some(MemberChangeType::MemberChangeAdded)
+        };
+        Ok(change.map(|change| {
+            content.update(relationship.as_bytes());
+            content.update(&[0, change as u8]);
+            content.update(key.member.as_bytes());
+            MemberChange {
+                member_id: key.member,
+                member_type,
+                change: change as i32,
+                relationship: relationship.to_string(),
+            }
+        }))
+    }
+
+    fn event(&self, parts: EventParts<'_>) -> ChangeEvent {
+        build_event(self.ctx, self.round, parts)
+    }
+}
+
+/// Everything an event is made of.
+pub struct EventParts<'a> {
+    pub id: &'a str,
+    pub object_type: String,
+    pub change_type: ChangeType,
+    pub version: u64,
+    pub properties: Option<Struct>,
+    pub changed_properties: Vec<String>,
+    pub member_changes: Vec<MemberChange>,
+    pub inferred: bool,
+    /// Hash of what changed; part of the event id.
+    pub content: u64,
+}
+
+/// Assembles a [`ChangeEvent`] with its deterministic id.
+pub fn build_event(ctx: &StreamContext, round: &RoundContext, p: EventParts<'_>) -> ChangeEvent {
+    let name = format!(
+        "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{:016x}",
+        p.id, p.version, p.change_type as i32, p.inferred as u8, p.content
+    );
+    let event_id = Uuid::new_v5(&ctx.namespace, name.as_bytes());
+    ChangeEvent {
+        event_id: event_id.to_string(),
+        tenant_id: ctx.tenant_id.clone(),
+        stream: ctx.stream.clone(),
+        resource: ctx.resource.clone(),
+        object_type: p.object_type,
+        object_id: p.id.to_string(),
+        change_type: p.change_type as i32,
+        snapshot: round.snapshot,
+        inferred: p.inferred,
+        properties: p.properties,
+        changed_properties: p.changed_properties,
+        member_changes: p.member_changes,
+        observed_at: Some(round.observed_at),
+        object_version: p.version,
+    }
+}
+
+/// Compares the properties with the remembered hashes, updating `state`;
+/// returns the sorted names of changed properties. For a new object every
+/// property present counts as changed.
+fn diff_properties(
+    properties: &Map<String, Value>,
+    state: &mut ObjectState,
+    is_new: bool,
+    content: &mut Xxh3,
+) -> Vec<String> {
+    let mut changed = Vec::new();
+    for (name, value) in properties {
+        let name_hash = hash::name_hash(name);
+        let value_hash = hash::value_hash(value);
+        let before = state.property_hash(name_hash);
+        if before != value_hash || is_new {
+            changed.push(name.clone());
+            content.update(&name_hash.to_le_bytes());
+            content.update(&value_hash.unwrap_or(0).to_le_bytes());
+        }
+        if before != value_hash {
+            state.set_property_hash(name_hash, value_hash);
+        }
+    }
+    changed.sort_unstable();
+    changed
+}
+
+/// Removes every `<relationship>@delta` array from the object and returns
+/// its entries as (member id, member type, removed).
+#[allow(clippy::type_complexity)]
+fn extract_relationship_deltas(
+    id: &str,
+    object: &mut Map<String, Value>,
+) -> Result<Vec<(String, Vec<(String, String, bool)>)>, NormalizeError> {
+    let keys: Vec<String> = object
+        .keys()
+        .filter(|k| k.ends_with("@delta") && k.len() > "@delta".len())
+        .cloned()
+        .collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let relationship = key.trim_end_matches("@delta").to_string();
+        let Some(Value::Array(items)) = object.remove(&key) else {
+            return Err(NormalizeError::BadRelationship {
+                id: id.to_string(),
+                relationship,
+            });
+        };
+        let mut entries = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let member = item
+                .get("id")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty());
+            let Some(member) = member else {
+                return Err(NormalizeError::BadRelationshipEntry {
+                    id: id.to_string(),
+                    relationship,
+                    index,
+                });
+            };
+            let member_type = item
+                .get("@odata.type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .trim_start_matches('#')
+                .to_string();
+            let removed = item.get("@removed").is_some();
+            entries.push((member.to_string(), member_type, removed));
+        }
+        out.push((relationship, entries));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// JSON object → `google.protobuf.Struct` (explicit nulls kept).
+pub fn to_struct(map: Map<String, Value>) -> Struct {
+    Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_pb_value(v))).collect(),
+    }
+}
+
+fn to_pb_value(v: Value) -> PbValue {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(to_pb_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(to_struct(map)),
+    };
+    PbValue { kind: Some(kind) }
+}
+
+/// `google.protobuf.Struct` → JSON object (for replay and tools).
+pub fn struct_to_json(s: &Struct) -> Map<String, Value> {
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), pb_value_to_json(v)))
+        .collect()
+}
+
+fn pb_value_to_json(v: &PbValue) -> Value {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Value::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(pb_value_to_json).collect()),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
+    }
+}
+
+/// Reconciliation after a full round: `id` was known but not returned, so
+/// it was deleted during the gap. Returns the event and the write.
+pub fn inferred_deletion(
+    ctx: &StreamContext,
+    round: &RoundContext,
+    id: &str,
+    state: &ObjectState,
+) -> ChangeEvent {
+    let object_type = if state.object_type.is_empty() {
+        ctx.default_object_type.clone()
+    } else {
+        state.object_type.clone()
+    };
+    build_event(
+        ctx,
+        round,
+        EventParts {
+            id,
+            object_type,
+            change_type: ChangeType::HardDeleted,
+            version: state.version + 1,
+            properties: None,
+            changed_properties: Vec::new(),
+            member_changes: Vec::new(),
+            inferred: true,
+            content: 0,
+        },
+    )
+}
+
+/// Reconciliation of a group listed in a full round: memberships it had
+/// but the round did not list were removed during the gap.
+pub fn inferred_member_removals(
+    ctx: &StreamContext,
+    round: &RoundContext,
+    group: &str,
+    state: &mut ObjectState,
+    removed: Vec<(MemberKey, MemberRow)>,
+) -> ChangeEvent {
+    let mut content = Xxh3::new();
+    let member_changes = removed
+        .into_iter()
+        .map(|(key, row)| {
+            content.update(key.relationship.as_bytes());
+            content.update(key.member.as_bytes());
+            MemberChange {
+                member_id: key.member,
+                member_type: row.member_type,
+                change: MemberChangeType::MemberChangeRemoved as i32,
+                relationship: key.relationship,
+            }
+        })
+        .collect();
+    state.version += 1;
+    let object_type = if state.object_type.is_empty() {
+        ctx.default_object_type.clone()
+    } else {
+        state.object_type.clone()
+    };
+    build_event(
+        ctx,
+        round,
+        EventParts {
+            id: group,
+            object_type,
+            change_type: ChangeType::Updated,
+            version: state.version,
+            properties: None,
+            changed_properties: Vec::new(),
+            member_changes,
+            inferred: true,
+            content: content.digest(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{memory::MapMemory, *};
+
+    fn ctx() -> StreamContext {
+        StreamContext::new("t", "users", "users", "microsoft.graph.user", false)
+    }
+
+    fn groups_ctx() -> StreamContext {
+        StreamContext::new("t", "groups", "groups", "microsoft.graph.group", true)
+    }
+
+    fn page(v: Value) -> Vec<Map<String, Value>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_object().unwrap().clone())
+            .collect()
+    }
+
+    fn run(ctx: &StreamContext, mem: &mut MapMemory, snapshot: bool, v: Value) -> Vec<ChangeEvent> {
+        let round = RoundContext::now(1, snapshot);
+        let n = normalize_page(ctx, &round, page(v), mem).unwrap();
+        mem.commit(&n.writes);
+        n.events
+    }
+
+    fn kinds(events: &[ChangeEvent]) -> Vec<(String, ChangeType)> {
+        events
+            .iter()
+            .map(|e| (e.object_id.clone(), e.change_type()))
+            .collect()
+    }
+
+    #[test]
+    fn lifecycle_created_updated_soft_restored_hard() {
+        let c = ctx();
+        let mut m = MapMemory::default();
+        let e = run(
+            &c,
+            &mut m,
+            true,
+            json!([{"id": "a", "displayName": "A", "mail": null}]),
+        );
+        assert_eq!(kinds(&e), vec![("a".into(), ChangeType::Created)]);
+        assert_eq!(e[0].changed_properties, vec!["displayName", "mail"]);
+        assert!(e[0].snapshot);
+        assert_eq!(e[0].object_type, "microsoft.graph.user");
+        assert_eq!(e[0].object_version, 1);
+
+        // Same values again (full response mode): nothing to report.
+        assert!(run(&c, &mut m, false, json!([{"id": "a", "displayName": "A"}])).is_empty());
+        // An explicit null for a property never set is no change either.
+        assert!(
+            run(
+                &c,
+                &mut m,
+                false,
+                json!([{"id": "a", "displayName": "A", "mail": null}])
+            )
+            .is_empty()
+        );
+
+        let e = run(
+            &c,
+            &mut m,
+            false,
+            json!([{"id": "a", "displayName": "B", "mail": "x@y"}]),
+        );
+        assert_eq!(kinds(&e), vec![("a".into(), ChangeType::Updated)]);
+        assert_eq!(e[0].changed_properties, vec!["displayName", "mail"]);
+        assert!(!e[0].snapshot);
+
+        // Cleared to null: changed, and null is kept in properties.
+        let e = run(&c, &mut m, false, json!([{"id": "a", "mail": null}]));
+        assert_eq!(e[0].changed_properties, vec!["mail"]);
+        assert_eq!(
+            e[0].properties.as_ref().unwrap().fields["mail"].kind,
+            Some(Kind::NullValue(0))
+        );
+
+        let e = run(
+            &c,
+            &mut m,
+            false,
+            json!([{"id": "a", "@removed": {"reason": "changed"}}]),
+        );
+        assert_eq!(kinds(&e), vec![("a".into(), ChangeType::SoftDeleted)]);
+        assert!(
+            run(
+                &c,
+                &mut m,
+                false,
+                json!([{"id": "a", "@removed": {"reason": "changed"}}])
+            )
+            .is_empty()
+        );
+
+        let e = run(&c, &mut m, false, json!([{"id": "a", "displayName": "B"}]));
+        assert_eq!(kinds(&e), vec![("a".into(), ChangeType::Restored)]);
+        assert!(
+            e[0].changed_properties.is_empty(),
+            "nothing changed while deleted"
+        );
+
+        let e = run(
+            &c,
+            &mut m,
+            false,
+            json!([{"id": "a", "@removed": {"reason": "deleted"}}]),
+        );
+        assert_eq!(kinds(&e), vec![("a".into(), ChangeType::HardDeleted)]);
+        assert_eq!(e[0].object_version, 6);
+        assert!(m.objects.is_empty());
+    }
+
+    #[test]
+    fn unseen_objects_arriving_deleted_still_emit() {
+        let c = ctx();
+        let mut m = MapMemory::default();
+        let e = run(
+            &c,
+            &mut m,
+            false,
+            json!([
+                {"id": "x", "@removed": {"reason": "changed"}},
+                {"id": "y", "@removed": {"reason": "deleted"}}
+            ]),
+        );
+        assert_eq!(
+            kinds(&e),
+            vec![
+                ("x".into(), ChangeType::SoftDeleted),
+                ("y".into(), ChangeType::HardDeleted)
+            ]
+        );
+        // x is remembered as soft-deleted: its return is a restore.
+        let e = run(&c, &mut m, false, json!([{"id": "x", "displayName": "X"}]));
+        assert_eq!(kinds(&e), vec![("x".into(), ChangeType::Restored)]);
+        assert_eq!(e[0].changed_properties, vec!["displayName"]);
+    }
+
+    #[test]
+    fn minimal_mode_reports_only_real_changes() {
+        let c = ctx();
+        let mut m = MapMemory::default();
+        run(
+            &c,
+            &mut m,
+            true,
+            json!([{"id": "a", "displayName": "A", "jobTitle": "J"}]),
+        );
+        let e = run(&c, &mut m, false, json!([{"id": "a", "jobTitle": "K"}]));
+        assert_eq!(e[0].changed_properties, vec!["jobTitle"]);
+        let props = e[0].properties.as_ref().unwrap();
+        assert_eq!(
+            props.fields.len(),
+            1,
+            "properties are as Graph returned them"
+        );
+    }
+
+    #[test]
+    fn annotations_are_removed_and_type_is_taken_from_odata_type() {
+        let c = StreamContext::new(
+            "t",
+            "dir",
+            "directoryObjects",
+            "microsoft.graph.directoryObject",
+            false,
+        );
+        let mut m = MapMemory::default();
+        let e = run(
+            &c,
+            &mut m,
+            true,
+            json!([{"@odata.type": "#microsoft.graph.group", "@odata.etag": "W/1", "id": "g", "displayName": "G"}]),
+        );
+        assert_eq!(e[0].object_type, "microsoft.graph.group");
+        assert_eq!(e[0].cloudevents_type(), "graphdelta.v1.group.created");
+        let props = e[0].properties.as_ref().unwrap();
+        assert_eq!(props.fields.keys().collect::<Vec<_>>(), vec!["displayName"]);
+        // The type is remembered for the later bare @removed entry.
+        let e = run(
+            &c,
+            &mut m,
+            false,
+            json!([{"id": "g", "@removed": {"reason": "deleted"}}]),
+        );
+        assert_eq!(e[0].object_type, "microsoft.graph.group");
+    }
+
+    #[test]
+    fn member_slices_across_pages_are_all_reported_once() {
+        let c = groups_ctx();
+        let mut m = MapMemory::default();
+        let user = |id: &str| json!({"@odata.type": "#microsoft.graph.user", "id": id});
+        let e = run(
+            &c,
+            &mut m,
+            true,
+            json!([{"id": "g", "displayName": "G", "members@delta": [user("1"), user("2")]}]),
+        );
+        assert_eq!(kinds(&e), vec![("g".into(), ChangeType::Created)]);
+        assert_eq!(e[0].member_changes.len(), 2);
+        // The next slice of the same group on a later page.
+        let e = run(
+            &c,
+            &mut m,
+            true,
+            json!([{"id": "g", "displayName": "G", "members@delta": [user("3"), user("1")]}]),
+        );
+        assert_eq!(kinds(&e), vec![("g".into(), ChangeType::Updated)]);
+        assert_eq!(e[0].member_changes.len(), 1, "member 1 is a replay");
+        assert_eq!(e[0].member_changes[0].member_id, "3");
+        assert_eq!(e[0].member_changes[0].member_type, "microsoft.graph.user");
+        assert!(e[0].changed_properties.is_empty());
+        let e = run(
+            &c,
+            &mut m,
+            false,
+            json!([{"id": "g", "members@delta": [{"@odata.type": "#microsoft.graph.user", "id": "2", "@removed": {"reason": "deleted"}}]}]),
+        );
+        assert_eq!(
+            e[0].member_changes[0].change(),
+            MemberChangeType::MemberChangeRemoved
+        );
+        assert_eq!(m.members.len(), 2);
+        // A hard-deleted group forgets its memberships.
+        run(
+            &c,
+            &mut m,
+            false,
+            json!([{"id": "g", "@removed": {"reason": "deleted"}}]),
+        );
+        assert!(m.members.is_empty());
+    }
+
+    #[test]
+    fn same_object_twice_in_one_page_is_handled_in_order() {
+        let c = ctx();
+        let mut m = MapMemory::default();
+        let e = run(
+            &c,
+            &mut m,
+            true,
+            json!([{"id": "a", "displayName": "A"}, {"id": "a", "displayName": "A"}, {"id": "a", "displayName": "B"}]),
+        );
+        assert_eq!(
+            kinds(&e),
+            vec![
+                ("a".into(), ChangeType::Created),
+                ("a".into(), ChangeType::Updated)
+            ]
+        );
+    }
+
+    #[test]
+    fn event_ids_are_deterministic_and_distinct() {
+        let c = ctx();
+        let p = json!([{"id": "a", "displayName": "A"}, {"id": "b", "displayName": "A"}]);
+        let mut m1 = MapMemory::default();
+        let mut m2 = MapMemory::default();
+        let e1 = run(&c, &mut m1, true, p.clone());
+        let e2 = run(&c, &mut m2, true, p);
+        assert_eq!(e1[0].event_id, e2[0].event_id);
+        assert_ne!(e1[0].event_id, e1[1].event_id);
+        // A->B->A: the third event differs from the first although the
+        // content is the same.
+        let e3 = run(&c, &mut m1, false, json!([{"id": "a", "displayName": "B"}]));
+        let e4 = run(&c, &mut m1, false, json!([{"id": "a", "displayName": "A"}]));
+        assert_ne!(e3[0].event_id, e4[0].event_id);
+        let other_stream =
+            StreamContext::new("t", "users2", "users", "microsoft.graph.user", false);
+        let e5 = run(
+            &other_stream,
+            &mut MapMemory::default(),
+            true,
+            json!([{"id": "a", "displayName": "A"}]),
+        );
+        assert_ne!(e1[0].event_id, e5[0].event_id);
+    }
+
+    #[test]
+    fn bad_objects_reject_the_page() {
+        let c = ctx();
+        let round = RoundContext::now(1, false);
+        let mut m = MapMemory::default();
+        let err = normalize_page(
+            &c,
+            &round,
+            page(json!([{"id": "a", "@removed": {"reason": "purged"}}])),
+            &mut m,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("purged"));
+        let err =
+            normalize_page(&c, &round, page(json!([{"displayName": "x"}])), &mut m).unwrap_err();
+        assert!(matches!(err, NormalizeError::MissingId));
+        let err = normalize_page(
+            &c,
+            &round,
+            page(json!([{"id": "g", "members@delta": [{"x": 1}]}])),
+            &mut m,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("members@delta"));
+    }
+
+    #[test]
+    fn struct_round_trips_to_json() {
+        let v = json!({"a": 1, "b": [true, null, "x"], "c": {"d": 1.5}});
+        let s = to_struct(v.as_object().unwrap().clone());
+        assert_eq!(Value::Object(struct_to_json(&s)), v);
+    }
+}

@@ -1,0 +1,148 @@
+//! Running a connector definition: one task per stream, one sink, one
+//! Graph client per tenant, and a shutdown token.
+//!
+//! The runtime is the only place that commits checkpoints, and only after
+//! the sink acknowledged (see [`stream`] for the commit rule).
+
+pub mod metrics;
+pub mod status;
+pub mod stream;
+
+use std::{collections::HashMap, sync::Arc};
+
+use tokio_util::sync::CancellationToken;
+
+pub use self::{
+    status::{StatusHandle, StatusRegistry, StreamStatus},
+    stream::{Outcome, StreamError, StreamRunner},
+};
+use crate::{
+    checkpoint::{CheckpointError, Store},
+    config::{Config, ConfigError},
+    graph::{GraphClient, GraphError, TokenProvider, client::build_http},
+    sink::{self, Sink, SinkError},
+};
+
+/// Why a run could not start or did not finish cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("sink ({kind}): {source}")]
+    Sink {
+        kind: &'static str,
+        source: SinkError,
+    },
+    #[error("tenant `{tenant}`: {source}")]
+    Graph { tenant: String, source: GraphError },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Streams(Vec<StreamError>),
+}
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after one complete round per stream.
+    pub once: bool,
+    /// Cancelled on SIGTERM/SIGINT: streams finish in-flight batches and stop.
+    pub shutdown: CancellationToken,
+    /// Shared status for `/status`, readiness and progress.
+    pub status: StatusRegistry,
+}
+
+/// A run that was set up: the sink is reachable and every store is open.
+pub struct Prepared {
+    runners: Vec<StreamRunner>,
+    sink: Arc<dyn Sink>,
+}
+
+impl Prepared {
+    /// Builds the sink (and checks it is reachable), the Graph clients and
+    /// opens every stream's checkpoint store.
+    pub async fn new(config: &Config, options: &RunOptions) -> Result<Prepared, RunError> {
+        let resolved = config.resolve()?;
+        let sink = sink::build(&config.sink)
+            .await
+            .map_err(|source| RunError::Sink {
+                kind: config.sink.kind(),
+                source,
+            })?;
+        sink.check().await.map_err(|source| RunError::Sink {
+            kind: config.sink.kind(),
+            source,
+        })?;
+        Self::with_sink(config, options, sink, resolved)
+    }
+
+    /// Like [`Prepared::new`] with a sink built by the caller.
+    pub fn with_sink(
+        config: &Config,
+        options: &RunOptions,
+        sink: Arc<dyn Sink>,
+        resolved: Vec<crate::config::ResolvedStream>,
+    ) -> Result<Prepared, RunError> {
+        // One HTTP pool and one token per tenant, shared by its streams.
+        let mut clients: HashMap<String, GraphClient> = HashMap::new();
+        let mut runners = Vec::with_capacity(resolved.len());
+        for r in resolved {
+            let tenant = r.graph.name.clone();
+            let graph = match clients.get(&tenant) {
+                Some(c) => c.clone(),
+                None => {
+                    let http = build_http(&r.graph).map_err(|source| RunError::Graph {
+                        tenant: tenant.clone(),
+                        source,
+                    })?;
+                    let auth = Arc::new(TokenProvider::new(http.clone(), r.graph.clone()));
+                    let client = GraphClient::with_parts(http, auth, r.graph.clone());
+                    clients.insert(tenant.clone(), client.clone());
+                    client
+                }
+            };
+            let store = Store::open(&config.checkpoint.path, &r.stream.name)?;
+            let status = StatusHandle::new(&r.stream.name, &r.stream.resource, &tenant);
+            options.status.register(status.clone());
+            runners.push(StreamRunner::new(
+                r,
+                graph,
+                sink.clone(),
+                store,
+                config.runtime.clone(),
+                status,
+                options.shutdown.clone(),
+            ));
+        }
+        Ok(Prepared { runners, sink })
+    }
+
+    /// Runs every stream to the end (caught up with `once`, or shutdown).
+    pub async fn run(self, once: bool) -> Result<(), RunError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for runner in self.runners {
+            tasks.spawn(runner.run(once));
+        }
+        let mut errors = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {}
+            }
+        }
+        self.sink.close().await;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(RunError::Streams(errors))
+        }
+    }
+}
+
+/// Runs a connector definition.
+pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
+    let prepared = Prepared::new(config, &options).await?;
+    prepared.run(options.once).await
+}

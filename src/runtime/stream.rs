@@ -1,0 +1,840 @@
+//! One stream's life: rounds of delta pages, pipelined.
+//!
+//! ```text
+//!  fetcher task ──(bounded channel: prefetch_pages)──▶ normalize ──▶ publish (≤ max_in_flight_batches)
+//!                                                                        │ acks, in order
+//!                                                                        ▼
+//!                                                          commit checkpoint + memory (SQLite)
+//! ```
+//!
+//! # The commit rule
+//! A batch's checkpoint (the link after its page, the memory changes of its
+//! objects) is committed only after the sink acknowledged every event of
+//! that batch **and of every batch before it**: publishes complete in a
+//! `FuturesOrdered`, so commits happen strictly in sequence order, and a
+//! failed batch stops the line. When a publish fails with a retriable
+//! error, the batch and every later in-flight batch are published again, in
+//! order, before anything else is committed: per-object order on the broker
+//! is preserved (at the price of duplicates with the same event ids).
+//!
+//! A crash at any instant therefore resumes from a link whose every earlier
+//! event is acknowledged, with the memory that matches it.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesOrdered};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    metrics as m,
+    status::{StatusHandle, unix_now},
+};
+use crate::{
+    checkpoint::{CheckpointError, Store},
+    config::{ResolvedStream, RuntimeConfig, StartFrom},
+    graph::{GraphClient, GraphError, Page, client::FetchOptions},
+    normalize::{
+        self, NormalizeError, RoundContext, StreamContext,
+        memory::{MemberKey, Overlay, StateWrites},
+    },
+    proto::v1::{ChangeEvent, ChangeType, Phase, StreamCheckpoint},
+    retry::{Policy, RetryHint},
+    sink::{OutBatch, Sink, SinkError},
+};
+
+/// Why a stream stopped with an error. The message names the stream and,
+/// for Graph, the host (never a token or a full link).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream `{stream}`: {source}")]
+    Graph { stream: String, source: GraphError },
+    #[error("stream `{stream}`: sink: {source}")]
+    Sink { stream: String, source: SinkError },
+    #[error("stream `{stream}`: {source}")]
+    Checkpoint {
+        stream: String,
+        source: CheckpointError,
+    },
+    #[error("stream `{stream}`: page from {host}: {source}")]
+    Normalize {
+        stream: String,
+        host: String,
+        source: NormalizeError,
+    },
+}
+
+impl StreamError {
+    /// Whether the service loop should try the stream again after a pause.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            StreamError::Graph { source, .. } => source.is_retriable(),
+            StreamError::Sink { source, .. } => source.is_retriable(),
+            StreamError::Checkpoint { .. } | StreamError::Normalize { .. } => false,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            StreamError::Graph { source, .. } => source.kind(),
+            StreamError::Sink { .. } => "sink",
+            StreamError::Checkpoint { .. } => "checkpoint",
+            StreamError::Normalize { .. } => "bad_page",
+        }
+    }
+}
+
+/// How [`StreamRunner::run`] ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `--once`: every page up to the deltaLink is published and committed.
+    CaughtUp,
+    /// Shutdown was requested; everything acknowledged is committed.
+    Stopped,
+}
+
+/// One page's worth of output, waiting for its ack.
+struct Batch {
+    seq: u64,
+    events: Vec<ChangeEvent>,
+    writes: StateWrites,
+    checkpoint: StreamCheckpoint,
+    objects: u64,
+}
+
+type Publishing = BoxFuture<'static, (Arc<Batch>, Result<(), SinkError>, Duration)>;
+
+enum PagesEnd {
+    DeltaReached,
+    Resync {
+        reason: String,
+        location: Option<String>,
+    },
+    Stopped,
+}
+
+enum Fetched {
+    Page(Page),
+    Failed(GraphError),
+}
+
+/// Runs one stream.
+pub struct StreamRunner {
+    resolved: ResolvedStream,
+    ctx: StreamContext,
+    graph: GraphClient,
+    sink: Arc<dyn Sink>,
+    /// Behind a mutex only so the runner is `Sync`; the stream's own task is
+    /// its only user.
+    store: std::sync::Mutex<Store>,
+    runtime: RuntimeConfig,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+    /// The last committed checkpoint.
+    committed: StreamCheckpoint,
+    host: String,
+}
+
+impl StreamRunner {
+    pub fn new(
+        resolved: ResolvedStream,
+        graph: GraphClient,
+        sink: Arc<dyn Sink>,
+        store: Store,
+        runtime: RuntimeConfig,
+        status: StatusHandle,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let ctx = StreamContext::from_resolved(&resolved);
+        let host = crate::graph::host_of(resolved.graph.base_url.as_str());
+        Self {
+            resolved,
+            ctx,
+            graph,
+            sink,
+            store: std::sync::Mutex::new(store),
+            runtime,
+            status,
+            shutdown,
+            committed: StreamCheckpoint::default(),
+            host,
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn name(&self) -> &str {
+        &self.resolved.stream.name
+    }
+
+    fn graph_err(&self, source: GraphError) -> StreamError {
+        StreamError::Graph {
+            stream: self.name().to_string(),
+            source,
+        }
+    }
+
+    fn sink_err(&self, source: SinkError) -> StreamError {
+        StreamError::Sink {
+            stream: self.name().to_string(),
+            source,
+        }
+    }
+
+    fn store_err(&self, source: CheckpointError) -> StreamError {
+        StreamError::Checkpoint {
+            stream: self.name().to_string(),
+            source,
+        }
+    }
+
+    /// Polls until shutdown (or, with `once`, until caught up). Retriable
+    /// failures are retried with backoff in service mode; with `once` the
+    /// first failure is returned.
+    #[tracing::instrument(name = "stream", skip_all, fields(stream = %self.resolved.stream.name))]
+    pub async fn run(mut self, once: bool) -> Result<Outcome, StreamError> {
+        let policy = Policy::new(self.runtime.retry_min, self.runtime.retry_max, None);
+        let mut failures = 0u32;
+        loop {
+            let round_started = Instant::now();
+            self.status.update(|s| s.state = "running".to_string());
+            let result = self.round().await;
+            match result {
+                Ok(PagesEnd::Stopped) => {
+                    self.status.update(|s| s.state = "stopped".to_string());
+                    return Ok(Outcome::Stopped);
+                }
+                Ok(_) => {
+                    failures = 0;
+                    self.status.update(|s| {
+                        s.state = "caught_up".to_string();
+                        s.last_error = None;
+                    });
+                    if once {
+                        return Ok(Outcome::CaughtUp);
+                    }
+                    // The next round starts one interval after this one
+                    // started; an overrun round is followed at once, never
+                    // overlapped.
+                    let next = round_started + self.resolved.stream.poll_interval;
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => {}
+                        _ = self.shutdown.cancelled() => {
+                            self.status.update(|s| s.state = "stopped".to_string());
+                            return Ok(Outcome::Stopped);
+                        }
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(m::STREAM_ERRORS, "stream" => self.name().to_string(), "kind" => e.kind())
+                        .increment(1);
+                    let message = e.to_string();
+                    self.status.update(|s| {
+                        s.last_error = Some(message.clone());
+                        s.state = "failed".to_string();
+                    });
+                    if once || !e.is_retriable() {
+                        tracing::error!(error = %e, "Stream stopped.");
+                        return Err(e);
+                    }
+                    let wait = policy.delay(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::error!(error = %e, retry_in = ?wait, "Round failed; retrying from the last checkpoint.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => return Ok(Outcome::Stopped),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads pages until the deltaLink (and reconciles after a full round).
+    async fn round(&mut self) -> Result<PagesEnd, StreamError> {
+        self.committed = self.load_or_start()?;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(PagesEnd::Stopped);
+            }
+            let phase = self.committed.phase();
+            self.status.set_phase(phase);
+            if phase == Phase::Reconcile {
+                if !self.reconcile().await? {
+                    return Ok(PagesEnd::Stopped);
+                }
+                self.round_completed();
+                return Ok(PagesEnd::DeltaReached);
+            }
+            let start = if self.committed.link.is_empty() {
+                let latest = phase == Phase::Incremental;
+                self.graph.initial_url(&self.resolved.stream, latest)
+            } else {
+                self.committed.link.clone()
+            };
+            self.status.update(|s| {
+                s.round_objects = 0;
+                s.round_pages = 0;
+            });
+            match self.pages(start).await? {
+                PagesEnd::DeltaReached => {
+                    if self.committed.phase() == Phase::Reconcile {
+                        continue;
+                    }
+                    self.round_completed();
+                    return Ok(PagesEnd::DeltaReached);
+                }
+                PagesEnd::Resync { reason, location } => {
+                    self.start_resync(&reason, location)?;
+                }
+                PagesEnd::Stopped => return Ok(PagesEnd::Stopped),
+            }
+        }
+    }
+
+    fn round_completed(&self) {
+        metrics::counter!(m::ROUNDS, "stream" => self.name().to_string()).increment(1);
+        self.status.update(|s| {
+            s.rounds_completed += 1;
+            s.last_round_completed_at = Some(unix_now());
+        });
+        if let Ok(n) = self.store().object_count() {
+            metrics::gauge!(m::OBJECTS_REMEMBERED, "stream" => self.name().to_string())
+                .set(n as f64);
+        }
+        tracing::info!(phase = ?self.committed.phase(), "Delta round complete.");
+    }
+
+    /// The committed checkpoint, or the start of a first (or, if the
+    /// stream's query changed, a new) full round.
+    fn load_or_start(&mut self) -> Result<StreamCheckpoint, StreamError> {
+        let fingerprint = self.resolved.fingerprint();
+        let stored = self
+            .store()
+            .load_checkpoint()
+            .map_err(|e| self.store_err(e))?;
+        let latest = self.resolved.stream.start == StartFrom::Latest;
+        let now = Some(normalize::timestamp(std::time::SystemTime::now()));
+        Ok(match stored {
+            Some(cp) if cp.config_fingerprint == fingerprint => cp,
+            Some(cp) => {
+                // Graph encodes $select/$filter into its links: stored links
+                // describe another query. Read the directory again (objects
+                // already known are not re-announced as created).
+                tracing::warn!(
+                    "The stream's resource, select, filter, tenant or base_url changed since the last checkpoint; its links are void. Starting a new full round."
+                );
+                StreamCheckpoint {
+                    stream: self.name().to_string(),
+                    phase: if latest {
+                        Phase::Incremental
+                    } else {
+                        Phase::Resync
+                    } as i32,
+                    link: String::new(),
+                    round: cp.round + 1,
+                    batch_seq: cp.batch_seq,
+                    config_fingerprint: fingerprint,
+                    committed_at: cp.committed_at,
+                    link_is_delta: false,
+                    round_started_at: now,
+                }
+            }
+            None => StreamCheckpoint {
+                stream: self.name().to_string(),
+                phase: if latest {
+                    Phase::Incremental
+                } else {
+                    Phase::Initial
+                } as i32,
+                link: String::new(),
+                round: 1,
+                batch_seq: 0,
+                config_fingerprint: fingerprint,
+                committed_at: None,
+                link_is_delta: false,
+                round_started_at: now,
+            },
+        })
+    }
+
+    /// Graph reset the sync state: commit the start of a full round.
+    fn start_resync(&mut self, reason: &str, location: Option<String>) -> Result<(), StreamError> {
+        metrics::counter!(m::RESYNCS, "stream" => self.name().to_string()).increment(1);
+        self.status.update(|s| s.resyncs += 1);
+        // 410 Gone comes with a fresh initial-request URL; use it only if it
+        // stays on the Graph host, else build our own.
+        let link = location
+            .and_then(|l| match self.graph.check_link(&l) {
+                Ok(u) => Some(u.to_string()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Ignoring the Location of the 410 response.");
+                    None
+                }
+            })
+            .unwrap_or_default();
+        tracing::warn!(
+            reason,
+            "Graph reset the sync state; starting a full resync round. Objects not returned by it will be reported as deleted (inferred)."
+        );
+        let cp = StreamCheckpoint {
+            phase: Phase::Resync as i32,
+            link,
+            round: self.committed.round + 1,
+            round_started_at: Some(normalize::timestamp(std::time::SystemTime::now())),
+            committed_at: Some(normalize::timestamp(std::time::SystemTime::now())),
+            ..self.committed.clone()
+        };
+        self.commit_checkpoint(&cp, &StateWrites::default())?;
+        Ok(())
+    }
+
+    fn commit_checkpoint(
+        &mut self,
+        cp: &StreamCheckpoint,
+        writes: &StateWrites,
+    ) -> Result<(), StreamError> {
+        let result = tokio::task::block_in_place(|| self.store().commit(cp, writes));
+        result.map_err(|e| self.store_err(e))?;
+        self.committed = cp.clone();
+        self.status.update(|s| s.last_commit_at = Some(unix_now()));
+        Ok(())
+    }
+
+    /// Fetches, normalizes, publishes and commits pages from `start` until
+    /// the deltaLink, a resync, an error or shutdown.
+    async fn pages(&mut self, start: String) -> Result<PagesEnd, StreamError> {
+        let phase = self.committed.phase();
+        let snapshot = matches!(phase, Phase::Initial | Phase::Resync);
+        let options = FetchOptions {
+            return_minimal: phase == Phase::Incremental && self.resolved.stream.return_minimal,
+        };
+        let (tx, mut rx) = mpsc::channel::<Fetched>(self.runtime.prefetch_pages);
+        let stop_fetching = self.shutdown.child_token();
+        let fetcher = tokio::spawn(fetch_loop(
+            self.graph.clone(),
+            start,
+            options,
+            tx,
+            stop_fetching.clone(),
+        ));
+        // Whatever happens below, the fetcher stops with this function.
+        let _stop_guard = stop_fetching.clone().drop_guard();
+        let _abort_guard = AbortOnDrop(fetcher);
+
+        let mut overlay = Overlay::default();
+        let mut in_flight: FuturesOrdered<Publishing> = FuturesOrdered::new();
+        let mut next = self.committed.clone();
+        let mut fetch_done = false;
+        let mut stopping = false;
+        let mut drain_deadline = None;
+        let mut end = PagesEnd::DeltaReached;
+        let mut failure: Option<StreamError> = None;
+
+        loop {
+            if fetch_done && in_flight.is_empty() {
+                break;
+            }
+            let can_take = !fetch_done && in_flight.len() < self.runtime.max_in_flight_batches;
+            tokio::select! {
+                biased;
+                Some((batch, result, took)) = in_flight.next(), if !in_flight.is_empty() => {
+                    match result {
+                        Ok(()) => {
+                            metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.kind()).record(took.as_secs_f64());
+                            self.commit_batch(&batch, &mut overlay)?;
+                        }
+                        Err(e) if e.is_retriable() && !stopping => {
+                            metrics::counter!(m::SINK_ERRORS, "sink" => self.sink.kind(), "outcome" => "retriable").increment(1);
+                            tracing::warn!(error = %e, batch = batch.seq, "Publish failed; publishing this and every later batch again, in order.");
+                            let mut pending = vec![batch];
+                            while let Some((b, _, _)) = in_flight.next().await {
+                                pending.push(b);
+                            }
+                            for b in pending {
+                                if !self.publish_until_acked(&b).await? {
+                                    return Ok(PagesEnd::Stopped);
+                                }
+                                self.commit_batch(&b, &mut overlay)?;
+                            }
+                        }
+                        Err(e) => {
+                            let outcome = match &e { SinkError::Fenced(_) => "fenced", SinkError::Retriable(_) => "retriable", SinkError::Permanent(_) => "permanent" };
+                            metrics::counter!(m::SINK_ERRORS, "sink" => self.sink.kind(), "outcome" => outcome).increment(1);
+                            if stopping {
+                                return Ok(PagesEnd::Stopped);
+                            }
+                            return Err(self.sink_err(e));
+                        }
+                    }
+                }
+                fetched = rx.recv(), if can_take => {
+                    match fetched {
+                        Some(Fetched::Page(page)) => {
+                            let is_delta = page.link.is_delta();
+                            let batch = self.normalize(page, &mut next, &mut overlay, snapshot)?;
+                            in_flight.push_back(self.publish_future(batch));
+                            if is_delta {
+                                fetch_done = true;
+                            }
+                        }
+                        Some(Fetched::Failed(GraphError::Resync { reason, location, .. })) => {
+                            fetch_done = true;
+                            end = PagesEnd::Resync { reason, location };
+                        }
+                        Some(Fetched::Failed(e)) => {
+                            // Pages before the failure are good: let them
+                            // be acknowledged and committed first.
+                            fetch_done = true;
+                            failure = Some(self.graph_err(e));
+                        }
+                        None => fetch_done = true,
+                    }
+                }
+                _ = self.shutdown.cancelled(), if !stopping => {
+                    tracing::info!(in_flight = in_flight.len(), "Shutdown requested: no new requests; waiting for in-flight batches to be acknowledged.");
+                    stopping = true;
+                    fetch_done = true;
+                    stop_fetching.cancel();
+                    end = PagesEnd::Stopped;
+                    drain_deadline = Some(Instant::now() + self.runtime.drain_timeout);
+                }
+                _ = sleep_until_opt(drain_deadline) => {
+                    tracing::warn!(in_flight = in_flight.len(), "Drain timeout: exiting with batches unacknowledged; their pages will be read again on restart.");
+                    return Ok(PagesEnd::Stopped);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(end)
+    }
+
+    /// Normalizes a page into the next batch and records its memory changes
+    /// in the overlay.
+    fn normalize(
+        &mut self,
+        page: Page,
+        next: &mut StreamCheckpoint,
+        overlay: &mut Overlay,
+        snapshot: bool,
+    ) -> Result<Batch, StreamError> {
+        let round = RoundContext::now(next.round, snapshot);
+        let object_count = page.objects.len() as u64;
+        let normalized = tokio::task::block_in_place(|| {
+            let store = self.store();
+            let mut view = overlay.view(&store);
+            normalize::normalize_page(&self.ctx, &round, page.objects, &mut view)
+        })
+        .map_err(|source| match source {
+            NormalizeError::Memory(e) => self.store_err(e),
+            source => StreamError::Normalize {
+                stream: self.name().to_string(),
+                host: self.host.clone(),
+                source,
+            },
+        })?;
+        next.batch_seq += 1;
+        next.link = page.link.url().to_string();
+        if page.link.is_delta() {
+            next.phase = if snapshot {
+                Phase::Reconcile
+            } else {
+                Phase::Incremental
+            } as i32;
+            next.link_is_delta = true;
+        }
+        next.committed_at = Some(normalize::timestamp(std::time::SystemTime::now()));
+        overlay.apply(next.batch_seq, &normalized.writes);
+        Ok(Batch {
+            seq: next.batch_seq,
+            events: normalized.events,
+            writes: normalized.writes,
+            checkpoint: next.clone(),
+            objects: object_count,
+        })
+    }
+
+    fn publish_future(&self, batch: Batch) -> Publishing {
+        let sink = self.sink.clone();
+        let stream = self.name().to_string();
+        let batch = Arc::new(batch);
+        async move {
+            let started = std::time::Instant::now();
+            let result = if batch.events.is_empty() && !sink_needs_empty_batches(&*sink) {
+                Ok(())
+            } else {
+                sink.publish(OutBatch {
+                    stream: &stream,
+                    seq: batch.seq,
+                    events: &batch.events,
+                    checkpoint: &batch.checkpoint,
+                })
+                .await
+            };
+            (batch, result, started.elapsed())
+        }
+        .boxed()
+    }
+
+    /// Publishes one batch until it is acknowledged; `Ok(false)` on shutdown.
+    async fn publish_until_acked(&self, batch: &Batch) -> Result<bool, StreamError> {
+        let policy = Policy::new(self.runtime.retry_min, self.runtime.retry_max, None);
+        let mut attempt = 0u32;
+        loop {
+            let result = sink_publish(&*self.sink, self.name(), batch).await;
+            match result {
+                Ok(()) => return Ok(true),
+                Err(e) if e.is_retriable() => {
+                    metrics::counter!(m::SINK_ERRORS, "sink" => self.sink.kind(), "outcome" => "retriable").increment(1);
+                    let wait = policy.delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %e, batch = batch.seq, retry_in = ?wait, "Publish failed; nothing committed; retrying.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => return Ok(false),
+                    }
+                }
+                Err(e) => return Err(self.sink_err(e)),
+            }
+        }
+    }
+
+    /// Commits an acknowledged batch: checkpoint and memory in one
+    /// transaction, then releases its overlay entries.
+    fn commit_batch(&mut self, batch: &Batch, overlay: &mut Overlay) -> Result<(), StreamError> {
+        self.commit_checkpoint(&batch.checkpoint, &batch.writes)?;
+        overlay.release(batch.seq);
+        let stream = self.name().to_string();
+        metrics::counter!(m::PAGES, "stream" => stream.clone()).increment(1);
+        let mut counts = [0u64; 6];
+        for e in &batch.events {
+            counts[e.change_type as usize % 6] += 1;
+        }
+        for (i, n) in counts.iter().enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            let change = ChangeType::try_from(i as i32).unwrap_or(ChangeType::Unspecified);
+            metrics::counter!(m::EVENTS_PUBLISHED, "stream" => stream.clone(), "change" => change.short_name())
+                .increment(*n);
+            self.status.count_event(change, *n);
+        }
+        self.status.update(|s| {
+            s.pages += 1;
+            s.round_pages += 1;
+            s.round_objects += batch.objects;
+            s.phase = super::status::phase_name(batch.checkpoint.phase()).to_string();
+        });
+        tracing::debug!(
+            batch = batch.seq,
+            events = batch.events.len(),
+            "Batch acknowledged and committed."
+        );
+        Ok(())
+    }
+
+    /// After a full round: memberships and objects the round did not return
+    /// were removed during the gap. Reported as inferred events, chunk by
+    /// chunk, each committed after its ack; then incremental polling
+    /// resumes from the round's deltaLink. `Ok(false)` on shutdown.
+    async fn reconcile(&mut self) -> Result<bool, StreamError> {
+        const CHUNK: usize = 500;
+        let round = self.committed.round;
+        let ctx = self.ctx.clone();
+        let relationships = ctx.reconciled_relationships();
+        let mut inferred = 0u64;
+        // Memberships of groups listed in this round but not listed again.
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(false);
+            }
+            let stale = tokio::task::block_in_place(|| {
+                self.store().stale_members(round, relationships, "", CHUNK)
+            })
+            .map_err(|e| self.store_err(e))?;
+            if stale.is_empty() {
+                break;
+            }
+            let round_ctx = RoundContext::now(round, true);
+            let mut writes = StateWrites::default();
+            let mut events = Vec::new();
+            let mut by_group: Vec<(
+                String,
+                Vec<(MemberKey, crate::normalize::memory::MemberRow)>,
+            )> = Vec::new();
+            for (key, row) in stale {
+                match by_group.last_mut() {
+                    Some((g, rows)) if *g == key.group => rows.push((key, row)),
+                    _ => by_group.push((key.group.clone(), vec![(key, row)])),
+                }
+            }
+            for (group, rows) in by_group {
+                let Some(mut state) = self.store().object(&group).map_err(|e| self.store_err(e))?
+                else {
+                    continue;
+                };
+                for (key, _) in &rows {
+                    writes.members.insert(key.clone(), None);
+                }
+                let event =
+                    normalize::inferred_member_removals(&ctx, &round_ctx, &group, &mut state, rows);
+                writes.objects.insert(group, Some(state));
+                events.push(event);
+            }
+            inferred += events.len() as u64;
+            if !self.publish_reconcile_batch(events, writes).await? {
+                return Ok(false);
+            }
+        }
+        // Objects the round did not return.
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(false);
+            }
+            let stale =
+                tokio::task::block_in_place(|| self.store().stale_objects(round, "", CHUNK))
+                    .map_err(|e| self.store_err(e))?;
+            if stale.is_empty() {
+                break;
+            }
+            let round_ctx = RoundContext::now(round, true);
+            let mut writes = StateWrites::default();
+            let mut events = Vec::with_capacity(stale.len());
+            for (id, state) in stale {
+                events.push(normalize::inferred_deletion(&ctx, &round_ctx, &id, &state));
+                writes.forget_group(&id);
+                writes.objects.insert(id, None);
+            }
+            inferred += events.len() as u64;
+            if !self.publish_reconcile_batch(events, writes).await? {
+                return Ok(false);
+            }
+        }
+        if inferred > 0 {
+            tracing::warn!(
+                inferred,
+                "Reported changes Graph could not tell us about (objects or memberships gone during the resync gap)."
+            );
+        }
+        let cp = StreamCheckpoint {
+            phase: Phase::Incremental as i32,
+            batch_seq: self.committed.batch_seq + 1,
+            committed_at: Some(normalize::timestamp(std::time::SystemTime::now())),
+            ..self.committed.clone()
+        };
+        // Through the sink as an empty batch, so a transactional sink's
+        // stored checkpoint moves to the incremental phase too.
+        let batch = Batch {
+            seq: cp.batch_seq,
+            events: Vec::new(),
+            writes: StateWrites::default(),
+            checkpoint: cp,
+            objects: 0,
+        };
+        if sink_needs_empty_batches(&*self.sink) && !self.publish_until_acked(&batch).await? {
+            return Ok(false);
+        }
+        self.commit_checkpoint(&batch.checkpoint, &batch.writes)?;
+        Ok(true)
+    }
+
+    async fn publish_reconcile_batch(
+        &mut self,
+        events: Vec<ChangeEvent>,
+        writes: StateWrites,
+    ) -> Result<bool, StreamError> {
+        let cp = StreamCheckpoint {
+            batch_seq: self.committed.batch_seq + 1,
+            committed_at: Some(normalize::timestamp(std::time::SystemTime::now())),
+            ..self.committed.clone()
+        };
+        let batch = Batch {
+            seq: cp.batch_seq,
+            events,
+            writes,
+            checkpoint: cp,
+            objects: 0,
+        };
+        if !self.publish_until_acked(&batch).await? {
+            return Ok(false);
+        }
+        let mut overlay = Overlay::default();
+        self.commit_batch(&batch, &mut overlay)?;
+        Ok(true)
+    }
+}
+
+/// Sinks that store checkpoints themselves must see every checkpoint move,
+/// even one without events.
+fn sink_needs_empty_batches(sink: &dyn Sink) -> bool {
+    sink.stores_checkpoints()
+}
+
+async fn sink_publish(sink: &dyn Sink, stream: &str, batch: &Batch) -> Result<(), SinkError> {
+    if batch.events.is_empty() && !sink_needs_empty_batches(sink) {
+        return Ok(());
+    }
+    sink.publish(OutBatch {
+        stream,
+        seq: batch.seq,
+        events: &batch.events,
+        checkpoint: &batch.checkpoint,
+    })
+    .await
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows links from `start`, sending each page (or the error that ended
+/// the round) down the channel. The channel's bound is the prefetch depth:
+/// the next page is requested while the current one is being published.
+async fn fetch_loop(
+    graph: GraphClient,
+    start: String,
+    options: FetchOptions,
+    tx: mpsc::Sender<Fetched>,
+    stop: CancellationToken,
+) {
+    let mut link = start;
+    loop {
+        let result = tokio::select! {
+            r = graph.fetch(&link, options) => r,
+            _ = stop.cancelled() => return,
+        };
+        match result {
+            Ok(page) => {
+                let next = match &page.link {
+                    crate::graph::page::PageLink::Next(n) => Some(n.clone()),
+                    crate::graph::page::PageLink::Delta(_) => None,
+                };
+                if tx.send(Fetched::Page(page)).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some(n) => link = n,
+                    None => return,
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Fetched::Failed(e)).await;
+                return;
+            }
+        }
+    }
+}

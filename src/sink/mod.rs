@@ -1,0 +1,145 @@
+//! Where events leave the process.
+//!
+//! Every sink implements [`Sink`]: `publish(batch)` returns `Ok` only once
+//! the destination has taken responsibility for every event of the batch
+//! (fsync for files, broker acks for Kafka, publisher confirms for
+//! RabbitMQ). The runtime commits the batch's checkpoint only after that.
+//! Errors say whether retrying can help ([`SinkError::is_retriable`]).
+
+pub mod file;
+pub mod stdout;
+
+use std::{path::Path, sync::Arc};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::{
+    config::ConfigError,
+    proto::v1::{ChangeEvent, StreamCheckpoint},
+    retry::RetryHint,
+};
+
+/// The `[sink]` table: `type` selects the sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// Appends canonical-JSON events to a file, one per line.
+    File(file::FileSinkConfig),
+    /// Writes canonical-JSON events to standard output, one per line.
+    Stdout(stdout::StdoutSinkConfig),
+}
+
+impl SinkConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            SinkConfig::File(c) => c.validate(),
+            SinkConfig::Stdout(_) => Ok(()),
+        }
+    }
+
+    pub(crate) fn rebase_paths(&mut self, base: &Path) {
+        if let SinkConfig::File(c) = self
+            && c.path.is_relative()
+        {
+            c.path = base.join(&c.path);
+        }
+    }
+
+    /// The sink's type name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::File(_) => "file",
+            SinkConfig::Stdout(_) => "stdout",
+        }
+    }
+}
+
+/// One page's events, handed to a sink.
+#[derive(Debug, Clone, Copy)]
+pub struct OutBatch<'a> {
+    /// The stream the events come from.
+    pub stream: &'a str,
+    /// The batch's sequence number within the stream (strictly increasing).
+    pub seq: u64,
+    pub events: &'a [ChangeEvent],
+    /// The checkpoint that will be committed once this batch is
+    /// acknowledged. Transactional sinks write it with the events.
+    pub checkpoint: &'a StreamCheckpoint,
+}
+
+/// A sink failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Broker unreachable, queue full, a nack, a timeout: another attempt
+    /// can succeed.
+    #[error("{0}")]
+    Retriable(String),
+    /// Authorization, message too large, bad configuration: an operator
+    /// must act.
+    #[error("{0}")]
+    Permanent(String),
+    /// Another instance took over this stream (Kafka transactional fencing);
+    /// this one must stop without committing.
+    #[error("{0}")]
+    Fenced(String),
+}
+
+impl RetryHint for SinkError {
+    fn is_retriable(&self) -> bool {
+        matches!(self, SinkError::Retriable(_))
+    }
+}
+
+/// A destination for change events.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// Short type name: `file`, `stdout`, `kafka`, `rabbitmq`.
+    fn kind(&self) -> &'static str;
+
+    /// Publishes every event of the batch, in order, and returns only when
+    /// all of them are acknowledged. On `Err`, some events may have been
+    /// delivered: the runtime publishes the batch again (same event ids).
+    async fn publish(&self, batch: OutBatch<'_>) -> Result<(), SinkError>;
+
+    /// Checks that the destination is reachable (startup check, readiness).
+    async fn check(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// True for sinks that write each batch's checkpoint together with its
+    /// events (Kafka exactly-once): they are handed batches without events
+    /// too, so their stored checkpoint never falls behind.
+    fn stores_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// For sinks that store checkpoints themselves (Kafka exactly-once):
+    /// the last checkpoint they committed for `stream`.
+    async fn stored_checkpoint(
+        &self,
+        _stream: &str,
+    ) -> Result<Option<StreamCheckpoint>, SinkError> {
+        Ok(None)
+    }
+
+    /// Flushes and releases connections.
+    async fn close(&self) {}
+}
+
+/// Builds the configured sink.
+pub async fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
+    Ok(match config {
+        SinkConfig::File(c) => Arc::new(file::FileSink::open(c)?),
+        SinkConfig::Stdout(c) => Arc::new(stdout::StdoutSink::new(c)),
+    })
+}
+
+/// Appends the canonical JSON of each event plus `\n` to `buf`.
+pub fn encode_json_lines(events: &[ChangeEvent], buf: &mut Vec<u8>) {
+    for event in events {
+        // Serializing generated pbjson types into a Vec cannot fail.
+        serde_json::to_writer(&mut *buf, event).expect("ChangeEvent serializes");
+        buf.push(b'\n');
+    }
+}
