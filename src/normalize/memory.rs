@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::{
     checkpoint::{CheckpointError, Store},
-    proto::v1::ObjectState,
+    proto::v1::{BatchState, ObjectState, batch_state},
 };
 
 /// A membership: `member` is in `group`'s `relationship` (e.g. `members`).
@@ -61,6 +61,74 @@ impl StateWrites {
     pub fn forget_group(&mut self, group: &str) {
         self.members.retain(|k, _| k.group != group);
         self.forgotten_groups.insert(group.to_string());
+    }
+}
+
+impl StateWrites {
+    /// The protobuf form, for sinks that store it with the checkpoint.
+    pub fn to_proto(&self) -> BatchState {
+        let mut objects: Vec<_> = self
+            .objects
+            .iter()
+            .map(|(id, state)| batch_state::ObjectWrite {
+                id: id.clone(),
+                state: state.clone(),
+            })
+            .collect();
+        objects.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut forgotten_groups: Vec<String> = self.forgotten_groups.iter().cloned().collect();
+        forgotten_groups.sort();
+        let mut members: Vec<_> = self
+            .members
+            .iter()
+            .map(|(k, row)| batch_state::MemberWrite {
+                group_id: k.group.clone(),
+                relationship: k.relationship.clone(),
+                member_id: k.member.clone(),
+                present: row.is_some(),
+                member_type: row
+                    .as_ref()
+                    .map(|r| r.member_type.clone())
+                    .unwrap_or_default(),
+                seen_round: row.as_ref().map(|r| r.seen_round).unwrap_or_default(),
+            })
+            .collect();
+        members.sort_by(|a, b| {
+            (&a.group_id, &a.relationship, &a.member_id).cmp(&(
+                &b.group_id,
+                &b.relationship,
+                &b.member_id,
+            ))
+        });
+        BatchState {
+            objects,
+            forgotten_groups,
+            members,
+        }
+    }
+
+    /// Back from the protobuf form.
+    pub fn from_proto(p: BatchState) -> Self {
+        StateWrites {
+            objects: p.objects.into_iter().map(|o| (o.id, o.state)).collect(),
+            forgotten_groups: p.forgotten_groups.into_iter().collect(),
+            members: p
+                .members
+                .into_iter()
+                .map(|m| {
+                    let key = MemberKey {
+                        group: m.group_id,
+                        relationship: m.relationship,
+                        member: m.member_id,
+                    };
+                    let row = m.present.then_some(MemberRow {
+                        member_type: m.member_type,
+                        seen_round: m.seen_round,
+                    });
+                    (key, row)
+                })
+                .collect(),
+        }
     }
 }
 

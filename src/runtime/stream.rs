@@ -253,7 +253,7 @@ impl StreamRunner {
 
     /// Reads pages until the deltaLink (and reconciles after a full round).
     async fn round(&mut self) -> Result<PagesEnd, StreamError> {
-        self.committed = self.load_or_start()?;
+        self.committed = self.load_or_start().await?;
         loop {
             if self.shutdown.is_cancelled() {
                 return Ok(PagesEnd::Stopped);
@@ -308,12 +308,33 @@ impl StreamRunner {
 
     /// The committed checkpoint, or the start of a first (or, if the
     /// stream's query changed, a new) full round.
-    fn load_or_start(&mut self) -> Result<StreamCheckpoint, StreamError> {
+    async fn load_or_start(&mut self) -> Result<StreamCheckpoint, StreamError> {
         let fingerprint = self.resolved.fingerprint();
-        let stored = self
+        let mut stored = self
             .store()
             .load_checkpoint()
             .map_err(|e| self.store_err(e))?;
+        // A transactional sink may have committed a batch the embedded store
+        // did not (a crash between the two commits): roll the store forward.
+        if self.sink.stores_checkpoints() {
+            let sink_cp = self
+                .sink
+                .stored_checkpoint(self.name())
+                .await
+                .map_err(|e| self.sink_err(e))?;
+            if let Some(sc) = sink_cp {
+                let local_seq = stored.as_ref().map_or(0, |c| c.batch_seq);
+                if sc.checkpoint.batch_seq > local_seq {
+                    tracing::info!(
+                        sink_batch = sc.checkpoint.batch_seq,
+                        local_batch = local_seq,
+                        "The sink committed a batch the checkpoint store did not; rolling the store forward."
+                    );
+                    self.commit_checkpoint(&sc.checkpoint, &sc.writes)?;
+                    stored = Some(sc.checkpoint);
+                }
+            }
+        }
         let latest = self.resolved.stream.start == StartFrom::Latest;
         let now = Some(normalize::timestamp(std::time::SystemTime::now()));
         Ok(match stored {
@@ -571,6 +592,7 @@ impl StreamRunner {
                     seq: batch.seq,
                     events: &batch.events,
                     checkpoint: &batch.checkpoint,
+                    writes: &batch.writes,
                 })
                 .await
             };
@@ -782,6 +804,7 @@ async fn sink_publish(sink: &dyn Sink, stream: &str, batch: &Batch) -> Result<()
         seq: batch.seq,
         events: &batch.events,
         checkpoint: &batch.checkpoint,
+        writes: &batch.writes,
     })
     .await
 }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::{
     config::ConfigError,
+    normalize::memory::StateWrites,
     proto::v1::{ChangeEvent, StreamCheckpoint},
     retry::RetryHint,
 };
@@ -66,6 +67,18 @@ pub struct OutBatch<'a> {
     /// The checkpoint that will be committed once this batch is
     /// acknowledged. Transactional sinks write it with the events.
     pub checkpoint: &'a StreamCheckpoint,
+    /// The memory changes committed with the checkpoint. Transactional
+    /// sinks store them too ([`StateWrites::to_proto`]), so the embedded
+    /// store can be rolled forward after a crash between the two commits.
+    pub writes: &'a StateWrites,
+}
+
+/// A checkpoint kept by a transactional sink, with the memory changes of
+/// the batch it closed.
+#[derive(Debug, Clone)]
+pub struct StoredCheckpoint {
+    pub checkpoint: StreamCheckpoint,
+    pub writes: StateWrites,
 }
 
 /// A sink failure.
@@ -115,11 +128,13 @@ pub trait Sink: Send + Sync {
     }
 
     /// For sinks that store checkpoints themselves (Kafka exactly-once):
-    /// the last checkpoint they committed for `stream`.
+    /// the last checkpoint they committed for `stream`. When its
+    /// `batch_seq` is ahead of the embedded store's, the runtime applies its
+    /// `writes` to the store and resumes from it.
     async fn stored_checkpoint(
         &self,
         _stream: &str,
-    ) -> Result<Option<StreamCheckpoint>, SinkError> {
+    ) -> Result<Option<StoredCheckpoint>, SinkError> {
         Ok(None)
     }
 

@@ -192,6 +192,7 @@ mod tests {
             seq: 1,
             events: &events,
             checkpoint: &cp,
+            writes: &Default::default(),
         })
         .await
         .unwrap();
