@@ -29,7 +29,9 @@ use std::{
 use lapin::{
     Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind,
     auth::AuthProvider,
-    options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    },
     protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError},
     tcp::OwnedTLSConfig,
     types::{AMQPValue, FieldTable, LongString, ShortString},
@@ -80,10 +82,7 @@ impl Settings {
         let user = uri.authority.userinfo.username.clone();
         let host_port = format!("{}:{}", uri.authority.host, uri.authority.port);
         let vhost = utf8_percent_encode_vhost(&uri.vhost);
-        let endpoint = format!(
-            "{}://{}@{}/{}",
-            uri.scheme, user, host_port, vhost
-        );
+        let endpoint = format!("{}://{}@{}/{}", uri.scheme, user, host_port, vhost);
         let mut tls = OwnedTLSConfig::default();
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read_to_string(path).map_err(|e| {
@@ -247,7 +246,10 @@ impl Connector {
     /// one: the next channel comes from a new connection.
     pub(crate) async fn discard(&self, generation: u64) {
         let mut state = self.state.lock().await;
-        if state.live.as_ref().is_some_and(|l| l.generation == generation)
+        if state
+            .live
+            .as_ref()
+            .is_some_and(|l| l.generation == generation)
             && let Some(l) = state.live.take()
         {
             tracing::info!(broker = %self.settings.host_port, generation, "Closing the RabbitMQ connection after a failure; the next publish reconnects.");

@@ -306,7 +306,10 @@ impl RoutingKeyTemplate {
                     }
                     let after = &rest[i + 1..];
                     let Some(end) = after.find('}') else {
-                        return Err(format!("a `{{` without its `}}`; placeholders are {}", known()));
+                        return Err(format!(
+                            "a `{{` without its `}}`; placeholders are {}",
+                            known()
+                        ));
                     };
                     let name = &after[..end];
                     let field = Field::ALL
@@ -357,7 +360,9 @@ impl RabbitMqSinkConfig {
                 .map_err(|e| invalid(format!("url `{url}`: {e}")))?;
         }
         if self.url_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
-            return Err(invalid("url_env is empty: name the environment variable holding the URL".to_string()));
+            return Err(invalid(
+                "url_env is empty: name the environment variable holding the URL".to_string(),
+            ));
         }
         check_name("exchange", &self.exchange).map_err(invalid)?;
         if self.declare_exchange && self.exchange.starts_with("amq.") {
@@ -370,7 +375,8 @@ impl RabbitMqSinkConfig {
             .map_err(|e| invalid(format!("routing_key `{}`: {e}", self.routing_key)))?;
         if self.confirm_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(invalid(
-                "confirm_timeout and connect_timeout must be more than zero, e.g. \"30s\"".to_string(),
+                "confirm_timeout and connect_timeout must be more than zero, e.g. \"30s\""
+                    .to_string(),
             ));
         }
         if self.connection_name.trim().is_empty() {
@@ -411,7 +417,9 @@ impl RabbitMqSinkConfig {
                 )));
             }
             if q.max_age.is_some_and(|d| d.as_secs() == 0) {
-                return Err(invalid(format!("{label}: max_age must be at least one second")));
+                return Err(invalid(format!(
+                    "{label}: max_age must be at least one second"
+                )));
             }
         }
         Ok(())
@@ -508,7 +516,10 @@ mod tests {
             ]
         );
         let err = parse("url_env='A'\nrouting_key = '{tenant}.{chnage}'").unwrap_err();
-        assert!(err.contains("{chnage}") && err.contains("{change}"), "{err}");
+        assert!(
+            err.contains("{chnage}") && err.contains("{change}"),
+            "{err}"
+        );
         assert!(RoutingKeyTemplate::parse("{tenant").is_err());
         assert!(RoutingKeyTemplate::parse("tenant}").is_err());
         assert!(RoutingKeyTemplate::parse("").is_err());
@@ -540,9 +551,8 @@ max_length_bytes = 1000000000
         );
         let err = parse("url_env='A'\n[[declare_queues]]\nname='q'\nmax_age='1day'").unwrap_err();
         assert!(err.contains("stream"), "{err}");
-        let err =
-            parse("url_env='A'\n[[declare_queues]]\nname='q'\n[[declare_queues]]\nname='q'")
-                .unwrap_err();
+        let err = parse("url_env='A'\n[[declare_queues]]\nname='q'\n[[declare_queues]]\nname='q'")
+            .unwrap_err();
         assert!(err.contains("twice"), "{err}");
         let err = parse("url_env='A'\n[[declare_queues]]\nname='q'\ntype='lazy'").unwrap_err();
         assert!(err.contains("lazy"), "{err}");

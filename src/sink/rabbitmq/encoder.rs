@@ -91,7 +91,8 @@ impl Encoder {
         })?;
         let ce_type = event.cloudevents_type();
         let short = |what: &str, v: String| {
-            ShortString::try_new(v).map_err(|_| fail(format!("its {what} is longer than 255 bytes")))
+            ShortString::try_new(v)
+                .map_err(|_| fail(format!("its {what} is longer than 255 bytes")))
         };
         let observed = event.observed_at.unwrap_or_default();
         // RFC 3339 with the fraction of a second Graph's clock gave us.

@@ -143,12 +143,12 @@ use lapin::{
 };
 use tokio::time::Instant;
 
+pub use self::config::{AmqpUrl, QueueConfig, QueueType, RabbitMqSinkConfig};
 use self::{
     channel::{ConfirmChannel, Connector, Settings, classify, describe},
     config::RoutingKeyTemplate,
     encoder::{Encoded, Encoder},
 };
-pub use self::config::{AmqpUrl, QueueConfig, QueueType, RabbitMqSinkConfig};
 use super::{OutBatch, Sink, SinkError};
 
 /// The RabbitMQ sink.
@@ -258,8 +258,7 @@ impl RabbitMqSink {
         }
         let mut returned: Vec<BasicReturnMessage> = Vec::new();
         let mut nacked: Vec<ShortString> = Vec::new();
-        let mut confirms = sent.into_iter().enumerate();
-        while let Some((i, (key, confirm))) = confirms.next() {
+        for (i, (key, confirm)) in sent.into_iter().enumerate() {
             match tokio::time::timeout_at(deadline, confirm).await {
                 Ok(Ok(Confirmation::Ack(None))) => {}
                 Ok(Ok(Confirmation::Ack(Some(message)))) => returned.push(message),
@@ -367,10 +366,7 @@ impl RabbitMqSink {
         self.connector.discard(ch.generation).await;
         SinkError::Retriable(format!(
             "rabbitmq exchange `{}`, routing key `{key}`: {unconfirmed} of the {total} messages of stream `{}` batch {} were not confirmed within {:?} (sink.confirm_timeout).{blocked} Nothing was committed; the batch will be published again on a new connection",
-            self.connector.settings.exchange,
-            batch.stream,
-            batch.seq,
-            self.confirm_timeout
+            self.connector.settings.exchange, batch.stream, batch.seq, self.confirm_timeout
         ))
     }
 }
@@ -477,10 +473,7 @@ impl Sink for RabbitMqSink {
             .map(|e| self.encoder.encode(e))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
-                SinkError::Permanent(format!(
-                    "rabbitmq sink: stream `{}`: {e}",
-                    batch.stream
-                ))
+                SinkError::Permanent(format!("rabbitmq sink: stream `{}`: {e}", batch.stream))
             })?;
         let started = std::time::Instant::now();
         let result = self.publish_on(&mut lane, &batch, messages).await;
