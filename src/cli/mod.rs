@@ -98,7 +98,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
 /// Exit code for configuration errors.
 const EXIT_CONFIG: u8 = 2;
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_CONFIG)
