@@ -66,6 +66,14 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// GET a URL and exit 0 on HTTP 2xx (container healthchecks: the runtime
+    /// image has no curl).
+    Probe {
+        /// e.g. http://127.0.0.1:9464/health/ready
+        url: String,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Write the event schema's protobuf descriptor set.
     Schema {
         /// Output file (default: stdout).
@@ -85,6 +93,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
             yes,
         } => reset(config, &stream, yes),
         Command::Schema { out } => schema(out),
+        Command::Probe { url, timeout } => probe(&url, timeout).await,
     };
     match result {
         Ok(code) => code,
@@ -291,4 +300,21 @@ fn schema(out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn probe(url: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::builder().timeout(timeout).build()?;
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => Ok(ExitCode::SUCCESS),
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            eprintln!("{url}: HTTP {status}: {}", body.trim());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
