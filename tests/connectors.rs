@@ -28,7 +28,11 @@ fn every_connector_file_is_valid() {
         config
             .resolve()
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(text.lines().next().unwrap().starts_with('#'), "{} starts with a comment saying what it is", path.display());
+        assert!(
+            text.lines().next().unwrap().starts_with('#'),
+            "{} starts with a comment saying what it is",
+            path.display()
+        );
         checked += 1;
     }
     assert!(checked >= 2, "found only {checked} connector files");

@@ -2,6 +2,7 @@
 //! print results. Errors here are `anyhow` with the library's message.
 
 pub mod logging;
+pub mod progress;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -160,7 +161,14 @@ async fn run(path: PathBuf, once: bool) -> anyhow::Result<ExitCode> {
         shutdown,
         status: Default::default(),
     };
-    match runtime::run(&config, options).await {
+    let stop_progress = CancellationToken::new();
+    let progress = progress::spawn(options.status.clone(), stop_progress.clone());
+    let result = runtime::run(&config, options).await;
+    stop_progress.cancel();
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(runtime::RunError::Config(e)) => {
             eprintln!("error: {e}");

@@ -110,7 +110,9 @@ pub async fn probe_loop(
         }
         let now = unix_now();
         for s in status.snapshot() {
-            if s.state == "failed" && let Some(err) = &s.last_error {
+            if s.state == "failed"
+                && let Some(err) = &s.last_error
+            {
                 problems.push(format!("stream `{}` failed: {err}", s.stream));
             }
             if let Some(at) = s.last_commit_at {
@@ -168,7 +170,10 @@ async fn metrics_handler() -> impl IntoResponse {
     let handle = prometheus();
     handle.run_upkeep();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         handle.render(),
     )
 }

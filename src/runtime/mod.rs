@@ -162,9 +162,14 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
     let _stop_ops = ops.clone().drop_guard();
     if let Some(h) = &config.http {
         let readiness = Arc::new(http::Readiness::default());
-        http::serve(&h.listen, options.status.clone(), readiness.clone(), ops.clone())
-            .await
-            .map_err(RunError::Http)?;
+        http::serve(
+            &h.listen,
+            options.status.clone(),
+            readiness.clone(),
+            ops.clone(),
+        )
+        .await
+        .map_err(RunError::Http)?;
         tokio::spawn(http::probe_loop(
             prepared.graphs.clone(),
             prepared.sink.clone(),
