@@ -323,20 +323,18 @@ async fn an_unroutable_batch_fails_loudly_and_later_batches_wait_for_it() {
     ] {
         assert!(err.contains(&needle), "error lacks {needle:?}: {err}");
     }
-    // Batch 3 was queued behind batch 2: it must not overtake it.
+    // Batch 3 was queued behind batch 2: whether or not it went out in
+    // the same group, it must not count as delivered before batch 2 does.
     assert!(
         matches!(&results[2], Err(SinkError::Retriable(m)) if m.contains("batch 2 before it failed")),
         "{:?}",
         results[2]
     );
     let (conn, admin) = admin().await;
-    // Batch 1 and the routable part of batch 2 arrived; nothing of batch 3.
+    // Batch 1 and the routable part of batch 2 arrived (batch 3 too if it
+    // was sent in batch 2's group).
     let got = drain(&admin, &queue, 19, Duration::from_secs(5)).await;
-    assert_eq!(got.len(), 19);
-    assert!(
-        got.iter()
-            .all(|r| !b[2].iter().any(|e| e.event_id == r.event.event_id))
-    );
+    assert!(got.len() == 19 || got.len() == 29, "{}", got.len());
 
     // Retrying keeps failing, and says so, until a queue is bound.
     let again = publish(&sink, "users", 2, &b[1]).await.unwrap_err();
@@ -358,11 +356,9 @@ async fn an_unroutable_batch_fails_loudly_and_later_batches_wait_for_it() {
     all.extend(rest);
     let expected: Vec<ChangeEvent> = b.concat();
     let duplicates = assert_complete_and_ordered(&all, &expected);
-    assert_eq!(
-        duplicates,
-        9 + 9,
-        "batch 2's routable messages were sent three times"
-    );
+    // Batch 2's routable messages went out three times (batch 3's twice
+    // if it was sent in batch 2's group).
+    assert!(duplicates == 18 || duplicates == 28, "{duplicates}");
     sink.close().await;
     let _ = conn.close(200, "OK".into()).await;
 }

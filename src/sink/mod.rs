@@ -88,7 +88,7 @@ pub struct StoredCheckpoint {
 }
 
 /// A sink failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SinkError {
     /// Broker unreachable, queue full, a nack, a timeout: another attempt
     /// can succeed.

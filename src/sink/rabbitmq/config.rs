@@ -69,9 +69,10 @@ pub struct RabbitMqSinkConfig {
     /// unroutable and nothing is committed.
     #[serde(default)]
     pub declare_queues: Vec<QueueConfig>,
-    /// How long a batch may take from its first message being sent to its
-    /// last publisher confirm. A batch not fully confirmed in time is
-    /// published again on a fresh channel (nothing is committed meanwhile).
+    /// How long a batch (or the group of queued batches sent with it) may
+    /// take from its first message being sent to its last publisher
+    /// confirm. Batches not fully confirmed in time are published again on
+    /// a new connection (nothing is committed meanwhile).
     #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
     pub confirm_timeout: Duration,
     /// Timeout of the TCP connect, TLS and AMQP handshake.

@@ -40,20 +40,32 @@
 //! again from its first message, so a consumer can see a message twice. A
 //! duplicate is the same event: same `message_id` (the event id), same body.
 //!
-//! # Order
-//! Each stream publishes on a channel of its own, one batch at a time, in
-//! batch order (a FIFO lock taken when the runtime first polls the publish;
-//! it polls in batch order). RabbitMQ keeps the order of one channel's
-//! messages in each queue, so a queue holds each object's events in the
-//! order they happened. When a batch fails, the batches queued behind it
-//! fail without being sent, and the runtime publishes the failed batch and
-//! every later one again, in order: after deduplication by event id, each
-//! object's events still arrive in order (`object_version` increases).
+//! # Order and throughput
+//! Each stream publishes through a lane of its own: a task owning one
+//! confirm-mode channel. Batches enter the lane in the order the runtime
+//! first polls their publishes (batch order). While the lane waits for
+//! confirms, later batches queue; the next time it is free it sends all of
+//! them as one group and awaits their confirms together, so the broker's
+//! confirm latency (a disk flush, a Raft round) is paid once per group
+//! rather than once per page. RabbitMQ keeps one channel's messages in
+//! order in every queue, so a queue holds each object's events in the
+//! order they happened.
 //!
-//! One batch at a time per stream is also what makes a return attributable:
-//! lapin hands a returned message to the next confirm it completes, which
-//! with multiple-acks can belong to another in-flight message; with only
-//! one batch's messages on the channel it always belongs to this batch.
+//! When a batch fails, the batches after it fail too (sent or not) and the
+//! runtime publishes the failed batch and every later one again, in order;
+//! batches queued behind a failure are not sent before the failed one is
+//! back. A connection lost mid-group delivers a prefix of the channel's
+//! messages, so after deduplication by event id each object's events still
+//! arrive in order (`object_version` increases). Only a message the broker
+//! refused in the middle of a group (a nack, a return) can be overtaken by
+//! a later event of the same object before its retry; `object_version`
+//! tells a consumer which is newer.
+//!
+//! Returns are attributed exactly: lapin hands a `basic.return` to the
+//! next confirm it completes, which with multiple-acks may be another
+//! message's; the lane reads every confirm of a group before judging any
+//! batch, and a returned message names its event (`message_id`), so it
+//! fails the batch it belongs to.
 //!
 //! # Routing keys and how consumers select events
 //! `routing_key` is a template over `{tenant}`, `{stream}`, `{resource}`,
@@ -130,53 +142,37 @@
 pub mod channel;
 pub mod config;
 pub mod encoder;
+mod publisher;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use async_trait::async_trait;
-use lapin::{
-    Confirmation, ErrorKind, PublisherConfirm,
-    message::BasicReturnMessage,
-    options::BasicPublishOptions,
-    protocol::{AMQPErrorKind, AMQPSoftError},
-    types::ShortString,
-};
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 pub use self::config::{AmqpUrl, QueueConfig, QueueType, RabbitMqSinkConfig};
 use self::{
-    channel::{ConfirmChannel, Connector, Settings, classify, describe},
+    channel::{Connector, Settings},
     config::RoutingKeyTemplate,
-    encoder::{Encoded, Encoder},
+    encoder::Encoder,
+    publisher::{Job, Shared, spawn_lane},
 };
 use super::{OutBatch, Sink, SinkError};
 
 /// The RabbitMQ sink.
 pub struct RabbitMqSink {
-    connector: Arc<Connector>,
+    shared: Arc<Shared>,
     encoder: Encoder,
-    exchange: ShortString,
-    confirm_timeout: Duration,
-    /// One lane per stream, created on its first batch.
-    lanes: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Lane>>>>,
-}
-
-/// A stream's publishing lane: its channel, held by one batch at a time.
-#[derive(Default)]
-struct Lane {
-    channel: Option<ConfirmChannel>,
-    /// The batch that failed last. Batches after it that were already
-    /// waiting fail without being sent: the runtime publishes the failed
-    /// batch again first, and sending them before it would put an object's
-    /// later events ahead of its earlier ones.
-    failed_seq: Option<u64>,
+    /// One publishing lane (a task owning a confirm channel) per stream,
+    /// started on the stream's first batch.
+    lanes: std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
 }
 
 impl std::fmt::Debug for RabbitMqSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings = &self.shared.connector.settings;
         f.debug_struct("RabbitMqSink")
-            .field("broker", &self.connector.settings.endpoint)
-            .field("exchange", &self.connector.settings.exchange)
+            .field("broker", &settings.endpoint)
+            .field("exchange", &settings.exchange)
             .finish_non_exhaustive()
     }
 }
@@ -194,10 +190,12 @@ impl RabbitMqSink {
         })?;
         let settings = Settings::new(config, &url)?;
         Ok(Self {
-            connector: Arc::new(Connector::new(settings)),
+            shared: Arc::new(Shared {
+                connector: Connector::new(settings),
+                exchange: config.exchange.as_str().into(),
+                confirm_timeout: config.confirm_timeout,
+            }),
             encoder: Encoder::new(template),
-            exchange: config.exchange.as_str().into(),
-            confirm_timeout: config.confirm_timeout,
             lanes: Default::default(),
         })
     }
@@ -207,204 +205,13 @@ impl RabbitMqSink {
         &self.encoder
     }
 
-    fn lane(&self, stream: &str) -> Arc<tokio::sync::Mutex<Lane>> {
+    fn lane(&self, stream: &str) -> mpsc::UnboundedSender<Job> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes.entry(stream.to_string()).or_default().clone()
+        lanes
+            .entry(stream.to_string())
+            .or_insert_with(|| spawn_lane(self.shared.clone(), stream.to_string()))
+            .clone()
     }
-
-    /// Publishes the batch's messages on the lane's channel and awaits
-    /// every confirm, all within `confirm_timeout`.
-    async fn publish_on(
-        &self,
-        lane: &mut Lane,
-        batch: &OutBatch<'_>,
-        messages: Vec<Encoded>,
-    ) -> Result<(), SinkError> {
-        let reuse = lane
-            .channel
-            .as_ref()
-            .is_some_and(|c| c.channel.status().connected());
-        if !reuse {
-            lane.channel = Some(self.connector.confirm_channel().await?);
-        }
-        let Some(ch) = lane.channel.as_ref() else {
-            unreachable!("the lane's channel was just set");
-        };
-        let total = messages.len();
-        let deadline = Instant::now() + self.confirm_timeout;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
-        // Routing keys and ids are kept to name the culprit of a failure.
-        let mut sent: Vec<(ShortString, PublisherConfirm)> = Vec::with_capacity(total);
-        for m in messages {
-            let publishing = ch.channel.basic_publish(
-                self.exchange.clone(),
-                m.routing_key.clone(),
-                options,
-                &m.body,
-                m.properties,
-            );
-            match tokio::time::timeout_at(deadline, publishing).await {
-                Ok(Ok(confirm)) => sent.push((m.routing_key, confirm)),
-                Ok(Err(e)) => return Err(self.broken(ch, batch, &m.routing_key, &e).await),
-                Err(_) => {
-                    return Err(self
-                        .timed_out(ch, batch, total - sent.len(), total, &m.routing_key)
-                        .await);
-                }
-            }
-        }
-        let mut returned: Vec<BasicReturnMessage> = Vec::new();
-        let mut nacked: Vec<ShortString> = Vec::new();
-        for (i, (key, confirm)) in sent.into_iter().enumerate() {
-            match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => {}
-                Ok(Ok(Confirmation::Ack(Some(message)))) => returned.push(message),
-                Ok(Ok(Confirmation::Nack(message))) => {
-                    // A nack may carry a returned message too (lapin pairs
-                    // them by arrival); the return is what explains it.
-                    match message {
-                        Some(m) => returned.push(m),
-                        None => nacked.push(key),
-                    }
-                }
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    // Cannot happen on a channel after confirm.select; if it
-                    // did, nothing would be confirmed: never report success.
-                    return Err(self.not_confirming(ch, batch, &key).await);
-                }
-                Ok(Err(e)) => return Err(self.broken(ch, batch, &key, &e).await),
-                Err(_) => {
-                    return Err(self.timed_out(ch, batch, total - i, total, &key).await);
-                }
-            }
-        }
-        if !returned.is_empty() {
-            // A declared queue or binding may have been deleted: declare the
-            // topology again before the next attempt.
-            self.connector.redeclare_topology().await;
-            return Err(unroutable(
-                &self.connector.settings.exchange,
-                batch,
-                &returned,
-                total,
-            ));
-        }
-        if let Some(key) = nacked.first() {
-            return Err(SinkError::Retriable(format!(
-                "rabbitmq exchange `{}`, routing key `{key}`: the broker refused (nack) {} of the {total} messages of stream `{}` batch {}; a queue may be full with x-overflow = reject-publish, or a quorum queue may have lost its majority. Nothing was committed; the batch will be published again",
-                self.connector.settings.exchange,
-                nacked.len(),
-                batch.stream,
-                batch.seq
-            )));
-        }
-        Ok(())
-    }
-
-    /// A publish or confirm failed with a lapin error: the channel (or the
-    /// whole connection) is gone.
-    async fn broken(
-        &self,
-        ch: &ConfirmChannel,
-        batch: &OutBatch<'_>,
-        key: &ShortString,
-        e: &lapin::Error,
-    ) -> SinkError {
-        // A channel closed with NOT_FOUND means the exchange is gone:
-        // declare it again on the next attempt.
-        if matches!(e.kind(), ErrorKind::ProtocolError(a) if *a.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
-        {
-            self.connector.redeclare_topology().await;
-        }
-        let lost = if ch.channel.status().connected() {
-            ""
-        } else {
-            " (the channel is closed; the next attempt opens a new one, reconnecting if the connection is gone)"
-        };
-        let message = format!(
-            "rabbitmq exchange `{}`, routing key `{key}`: publishing stream `{}` batch {} to {} failed: {}{lost}. Nothing was committed",
-            self.connector.settings.exchange,
-            batch.stream,
-            batch.seq,
-            self.connector.settings.host_port,
-            describe(e),
-        );
-        classify(e, message)
-    }
-
-    async fn not_confirming(
-        &self,
-        ch: &ConfirmChannel,
-        batch: &OutBatch<'_>,
-        key: &ShortString,
-    ) -> SinkError {
-        self.connector.discard(ch.generation).await;
-        SinkError::Retriable(format!(
-            "rabbitmq exchange `{}`, routing key `{key}`: publishing stream `{}` batch {} failed: the channel is not in confirm mode. Nothing was committed",
-            self.connector.settings.exchange, batch.stream, batch.seq
-        ))
-    }
-
-    async fn timed_out(
-        &self,
-        ch: &ConfirmChannel,
-        batch: &OutBatch<'_>,
-        unconfirmed: usize,
-        total: usize,
-        key: &ShortString,
-    ) -> SinkError {
-        let blocked = if self.connector.is_blocked(ch.generation).await {
-            " The broker has blocked this connection (a memory or disk alarm: `rabbitmqctl status`, `rabbitmq-diagnostics alarms`)."
-        } else {
-            " The broker may be overloaded, blocked by a resource alarm, or unreachable."
-        };
-        // The connection may be half-dead (heartbeats notice late): start
-        // afresh.
-        self.connector.discard(ch.generation).await;
-        SinkError::Retriable(format!(
-            "rabbitmq exchange `{}`, routing key `{key}`: {unconfirmed} of the {total} messages of stream `{}` batch {} were not confirmed within {:?} (sink.confirm_timeout).{blocked} Nothing was committed; the batch will be published again on a new connection",
-            self.connector.settings.exchange, batch.stream, batch.seq, self.confirm_timeout
-        ))
-    }
-}
-
-fn unroutable(
-    exchange: &str,
-    batch: &OutBatch<'_>,
-    returned: &[BasicReturnMessage],
-    total: usize,
-) -> SinkError {
-    let first = &returned[0];
-    let id = first
-        .delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_default();
-    let mut keys: Vec<&str> = returned
-        .iter()
-        .map(|m| m.delivery.routing_key.as_str())
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let more = if keys.len() > 1 {
-        format!(" (routing keys: {})", keys.join(", "))
-    } else {
-        String::new()
-    };
-    SinkError::Retriable(format!(
-        "rabbitmq exchange `{exchange}`, routing key `{}`: {} of the {total} messages of stream `{}` batch {} were returned unroutable ({} {}), e.g. event {id}{more}: no queue is bound to exchange `{exchange}` for these routing keys. Bind a queue (sink.declare_queues, or your consumers' bindings) or fix sink.routing_key. Nothing was committed; the batch will be published again",
-        first.delivery.routing_key,
-        returned.len(),
-        batch.stream,
-        batch.seq,
-        first.reply_code,
-        first.reply_text,
-    ))
 }
 
 /// The broker URL from `url`, `url_env` or `url_file`.
@@ -454,19 +261,6 @@ impl Sink for RabbitMqSink {
         if batch.events.is_empty() {
             return Ok(());
         }
-        // Taken on the first poll, before any await: lanes are served in
-        // the order the runtime first polls its publishes (batch order).
-        let lane = self.lane(batch.stream);
-        let mut lane = lane.lock().await;
-        if let Some(failed) = lane.failed_seq {
-            if batch.seq > failed {
-                return Err(SinkError::Retriable(format!(
-                    "rabbitmq sink: stream `{}` batch {} not sent: batch {failed} before it failed and must be published first (keeps each object's events in order)",
-                    batch.stream, batch.seq
-                )));
-            }
-            lane.failed_seq = None;
-        }
         let messages = batch
             .events
             .iter()
@@ -475,37 +269,37 @@ impl Sink for RabbitMqSink {
             .map_err(|e| {
                 SinkError::Permanent(format!("rabbitmq sink: stream `{}`: {e}", batch.stream))
             })?;
-        let started = std::time::Instant::now();
-        let result = self.publish_on(&mut lane, &batch, messages).await;
-        match &result {
-            Ok(()) => tracing::debug!(
-                batch = batch.seq,
-                messages = batch.events.len(),
-                took = ?started.elapsed(),
-                "Batch confirmed by RabbitMQ."
-            ),
-            Err(_) => {
-                // Never reuse a channel that saw a failure: its confirms
-                // and returns may still be in flight.
-                lane.channel = None;
-                lane.failed_seq = Some(batch.seq);
-            }
-        }
-        result
+        // Queued on the first poll, before any await: a lane serves batches
+        // in the order the runtime first polls their publishes, which is
+        // batch order.
+        let (reply, confirmed) = oneshot::channel();
+        let job = Job {
+            seq: batch.seq,
+            messages,
+            reply,
+        };
+        self.lane(batch.stream).send(job).map_err(|_| {
+            SinkError::Retriable(format!(
+                "rabbitmq sink: the publishing lane of stream `{}` has stopped (the sink is closing)",
+                batch.stream
+            ))
+        })?;
+        confirmed.await.unwrap_or_else(|_| {
+            Err(SinkError::Retriable(format!(
+                "rabbitmq sink: the publishing lane of stream `{}` ended before batch {} was confirmed",
+                batch.stream, batch.seq
+            )))
+        })
     }
 
     async fn check(&self) -> Result<(), SinkError> {
-        self.connector.connection().await.map(|_| ())
+        self.shared.connector.connection().await.map(|_| ())
     }
 
     async fn close(&self) {
-        let lanes: Vec<_> = {
-            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-            lanes.drain().map(|(_, l)| l).collect()
-        };
-        for lane in lanes {
-            lane.lock().await.channel = None;
-        }
-        self.connector.close().await;
+        // Dropping the senders ends each lane once its queue is empty; the
+        // lane's channel closes with it.
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.shared.connector.close().await;
     }
 }
