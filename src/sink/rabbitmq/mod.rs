@@ -144,7 +144,7 @@ pub mod config;
 pub mod encoder;
 mod publisher;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
@@ -154,7 +154,7 @@ use self::{
     channel::{Connector, Settings},
     config::RoutingKeyTemplate,
     encoder::Encoder,
-    publisher::{Job, Shared, spawn_lane},
+    publisher::{Job, LaneHandle, Shared, spawn_lane},
 };
 use super::{OutBatch, Sink, SinkError};
 
@@ -164,7 +164,7 @@ pub struct RabbitMqSink {
     encoder: Encoder,
     /// One publishing lane (a task owning a confirm channel) per stream,
     /// started on the stream's first batch.
-    lanes: std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    lanes: std::sync::Mutex<HashMap<String, LaneHandle>>,
 }
 
 impl std::fmt::Debug for RabbitMqSink {
@@ -210,6 +210,7 @@ impl RabbitMqSink {
         lanes
             .entry(stream.to_string())
             .or_insert_with(|| spawn_lane(self.shared.clone(), stream.to_string()))
+            .jobs
             .clone()
     }
 }
@@ -297,9 +298,24 @@ impl Sink for RabbitMqSink {
     }
 
     async fn close(&self) {
-        // Dropping the senders ends each lane once its queue is empty; the
-        // lane's channel closes with it.
-        self.lanes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // Dropping the senders ends each lane once its queue is empty; it
+        // closes its channel, then the connection is closed.
+        let lanes: Vec<LaneHandle> = self
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, lane)| lane)
+            .collect();
+        let grace = self.shared.confirm_timeout + Duration::from_secs(2);
+        for LaneHandle { jobs, task } in lanes {
+            drop(jobs);
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!(
+                    "A RabbitMQ publishing lane did not finish in time; closing the connection under it (its batches are not committed and will be published again)."
+                );
+            }
+        }
         self.shared.connector.close().await;
     }
 }

@@ -70,11 +70,18 @@ pub(crate) struct Shared {
     pub(crate) confirm_timeout: Duration,
 }
 
-/// Starts the lane of `stream`; it ends when every sender is dropped.
-pub(crate) fn spawn_lane(shared: Arc<Shared>, stream: String) -> mpsc::UnboundedSender<Job> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(Lane::new(shared, stream).run(rx));
-    tx
+/// A running lane: where its batches go, and its task.
+pub(crate) struct LaneHandle {
+    pub(crate) jobs: mpsc::UnboundedSender<Job>,
+    pub(crate) task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the lane of `stream`; it ends (closing its channel) once its
+/// queue is empty and every sender is dropped.
+pub(crate) fn spawn_lane(shared: Arc<Shared>, stream: String) -> LaneHandle {
+    let (jobs, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(Lane::new(shared, stream).run(rx));
+    LaneHandle { jobs, task }
 }
 
 struct Lane {
@@ -168,6 +175,12 @@ impl Lane {
                 // The caller may have gone (shutdown); nothing to do then.
                 let _ = job.reply.send(result);
             }
+        }
+        if let Some(c) = self.channel.take()
+            && c.channel.status().connected()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.channel.close(200, "OK".into()))
+                .await;
         }
     }
 
