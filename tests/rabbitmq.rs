@@ -595,3 +595,71 @@ async fn a_queue_declared_differently_before_is_a_permanent_error_naming_it() {
     );
     let _ = conn.close(200, "OK".into()).await;
 }
+
+#[test]
+fn the_password_never_reaches_the_logs_even_at_trace_level() {
+    // The binary with everything logged, against the real broker with a
+    // wrong password: the login fails, and neither the password nor the
+    // bytes of the SASL response that carries it appear anywhere.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[graph]
+base_url = "http://127.0.0.1:9/v1.0"
+token_url = "http://127.0.0.1:9/{{tenant}}/oauth2/v2.0/token"
+tenant_id = "contoso.onmicrosoft.com"
+client_id = "graphdelta-simulator"
+client_secret_env = "GD_TEST_TRACE_SECRET"
+
+[[streams]]
+name = "users"
+resource = "users"
+
+[sink]
+type = "rabbitmq"
+url_env = "GD_TEST_TRACE_AMQP"
+exchange = "{}"
+
+[checkpoint]
+path = "{}"
+"#,
+            unique("x"),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let password = "Zebra-pw-9137";
+    let mut url = url::Url::parse(&amqp_url()).unwrap();
+    url.set_password(Some(password)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_graphdelta"))
+        .args(["--log-format", "json", "run", "--once", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "trace")
+        .env("GD_TEST_TRACE_SECRET", "s")
+        .env("GD_TEST_TRACE_AMQP", url.as_str())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("refused the login"),
+        "the broker must have been reached and refused the login: {stderr}"
+    );
+    assert!(
+        stderr.contains("amq_protocol_tcp") || stderr.contains("lapin"),
+        "trace logging was on: {stderr}"
+    );
+    let as_bytes = password
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for text in [&stderr, &stdout] {
+        assert!(!text.contains(password), "password in the output");
+        assert!(!text.contains(&as_bytes), "password bytes in the output");
+    }
+}
