@@ -663,3 +663,57 @@ path = "{}"
         assert!(!text.contains(&as_bytes), "password bytes in the output");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_times_out_and_the_next_attempt_reconnects() {
+    let exchange = unique("x");
+    let queue = unique("q");
+    let _cleanup = Cleanup::new().exchange(&exchange).queue(&queue);
+    let proxy = BlackHoleProxy::start().await;
+    let mut config = sink_config(
+        &exchange,
+        &format!("[[declare_queues]]\nname = \"{queue}\""),
+    );
+    config.url = Some(AmqpUrl::new(proxy.url()));
+    config.confirm_timeout = Duration::from_millis(800);
+    config.connect_timeout = Duration::from_secs(2);
+    let sink = RabbitMqSink::new(&config).unwrap();
+    let b = batches("users", 2, 50, 10);
+    publish(&sink, "users", 1, &b[0]).await.unwrap();
+
+    // The connection goes silent: no confirm will ever come.
+    proxy.swallow_existing();
+    let started = std::time::Instant::now();
+    let err = publish(&sink, "users", 2, &b[1]).await.unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(matches!(err, SinkError::Retriable(_)), "{err:?}");
+    for needle in [
+        format!("exchange `{exchange}`"),
+        "routing key `contoso_onmicrosoft_com.users.".to_string(),
+        "not confirmed within".to_string(),
+        "sink.confirm_timeout".to_string(),
+    ] {
+        assert!(text.contains(&needle), "error lacks {needle:?}: {text}");
+    }
+
+    // The retry does not reuse the silent connection: it reconnects and
+    // gets its confirms.
+    publish(&sink, "users", 2, &b[1]).await.unwrap();
+    let (conn, admin) = admin().await;
+    let got = drain(&admin, &queue, 100, Duration::from_secs(5)).await;
+    let expected: Vec<ChangeEvent> = b.concat();
+    assert_eq!(assert_complete_and_ordered(&got, &expected), 0);
+    assert_eq!(
+        got.len(),
+        100,
+        "the swallowed attempt never reached the broker"
+    );
+    sink.close().await;
+    let _ = conn.close(200, "OK".into()).await;
+}

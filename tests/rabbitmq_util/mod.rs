@@ -389,3 +389,99 @@ pub fn close_connections_named(name: &str) -> usize {
     }
     pids.len()
 }
+
+/// A TCP proxy in front of the broker that can turn every connection it
+/// carries into a black hole: the sockets stay open, nothing passes, as
+/// with a broker that hangs or a network that silently drops packets.
+/// Connections accepted afterwards work normally.
+pub struct BlackHoleProxy {
+    pub addr: std::net::SocketAddr,
+    dead_before: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHoleProxy {
+    pub async fn start() -> Self {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        };
+        let broker = url::Url::parse(&amqp_url()).unwrap();
+        let upstream = format!(
+            "{}:{}",
+            broker.host_str().unwrap(),
+            broker.port().unwrap_or(5672)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dead_before = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (dead, counter) = (dead_before.clone(), next.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let id = counter.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let dead = dead.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if id < dead.load(Ordering::SeqCst) {
+                                // Swallowed; keep the socket open and silent.
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            dead_before,
+            next,
+            task,
+        }
+    }
+
+    /// The broker URL through the proxy.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).unwrap();
+        url.set_port(Some(self.addr.port())).unwrap();
+        url.to_string()
+    }
+
+    /// Every connection open now stops carrying anything, for good.
+    pub fn swallow_existing(&self) {
+        use std::sync::atomic::Ordering;
+        self.dead_before
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for BlackHoleProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -464,9 +464,11 @@ fn amqp_kind(e: &lapin::Error) -> Option<&AMQPErrorKind> {
     }
 }
 
+/// Closes a connection politely, without waiting long for a broker that
+/// may not answer any more.
 async fn close_quietly(conn: &Connection) {
     if conn.status().connected() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "OK".into())).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "OK".into())).await;
     }
 }
 
