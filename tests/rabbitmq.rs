@@ -717,3 +717,58 @@ async fn a_broker_that_stops_answering_times_out_and_the_next_attempt_reconnects
     sink.close().await;
     let _ = conn.close(200, "OK".into()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_fails_the_batch_and_names_the_refused_message() {
+    let exchange = unique("x");
+    let queue = unique("q");
+    let _cleanup = Cleanup::new().exchange(&exchange).queue(&queue);
+    let sink = RabbitMqSink::new(&sink_config(&exchange, "")).unwrap();
+    sink.check().await.unwrap();
+    // A consumer's queue that refuses messages beyond 5.
+    let (conn, admin) = admin().await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(5));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    admin
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    admin
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let b = batches("users", 1, 8, 8);
+    let err = publish(&sink, "users", 1, &b[0]).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, SinkError::Retriable(_)), "{err:?}");
+    for needle in [
+        format!("exchange `{exchange}`"),
+        "refused (nack) 3 of the 8 messages".to_string(),
+        b[0][5].event_id.clone(),
+        "reject-publish".to_string(),
+    ] {
+        assert!(text.contains(&needle), "error lacks {needle:?}: {text}");
+    }
+    // Once the consumer makes room, the batch goes through.
+    drain(&admin, &queue, 5, Duration::from_secs(5)).await;
+    publish(&sink, "users", 1, &b[0][..5]).await.unwrap();
+    sink.close().await;
+    let _ = conn.close(200, "OK".into()).await;
+}

@@ -568,6 +568,25 @@ max_length_bytes = 1000000000
     }
 
     #[test]
+    fn a_connector_file_selects_the_sink_by_type() {
+        let file = |sink: &str| {
+            format!(
+                "[graph]\ntenant_id = 't'\nclient_id = 'c'\nclient_secret_env = 'S'\n[[streams]]\nname = 'users'\nresource = 'users'\n[sink]\ntype = 'rabbitmq'\n{sink}"
+            )
+        };
+        let c = crate::config::Config::parse(&file("url_env = 'AMQP_URL'")).unwrap();
+        assert_eq!(c.sink.kind(), "rabbitmq");
+        let err = crate::config::Config::parse(&file("url_env = 'AMQP_URL'\nexchnage = 'x'"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exchnage"), "{err}");
+        let err = crate::config::Config::parse(&file("exchange = 'x'"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("url_env"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = parse("url_env='A'\nrouting-key='x'").unwrap_err();
         assert!(err.contains("routing-key"), "{err}");
