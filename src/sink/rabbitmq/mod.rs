@@ -92,7 +92,7 @@
 //!
 //! # The message
 //! - body: the `graphdelta.v1.ChangeEvent` protobuf (`graphdelta schema`
-//!   prints the schema);
+//!   writes its descriptor set for consumers in other languages);
 //! - properties: `delivery_mode = 2`, `content_type =
 //!   application/x-protobuf`, `message_id` = event id (deduplicate on it),
 //!   `type` = CloudEvents type (`graphdelta.v1.<object type>.<change>`),
@@ -137,7 +137,9 @@
 //! and `declare_queues`; an unreachable broker is reported with its
 //! `host:port` within `connect_timeout`. After a lost connection the next
 //! publish reconnects and declares the topology again. The password is
-//! never logged, never part of an error, and `Debug` shows `[redacted]`.
+//! never logged, never part of an error, and `Debug` shows `[redacted]`
+//! (lapin itself dumps the login frame at TRACE level, so the CLI never
+//! lets lapin's TRACE events through).
 
 pub mod channel;
 pub mod config;
@@ -205,13 +207,21 @@ impl RabbitMqSink {
         &self.encoder
     }
 
+    /// The stream's lane, started on first use (and again if its task
+    /// ended, which only a bug could cause).
     fn lane(&self, stream: &str) -> mpsc::UnboundedSender<Job> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes
+        let lane = lanes
             .entry(stream.to_string())
-            .or_insert_with(|| spawn_lane(self.shared.clone(), stream.to_string()))
-            .jobs
-            .clone()
+            .or_insert_with(|| spawn_lane(self.shared.clone(), stream.to_string()));
+        if lane.jobs.is_closed() {
+            tracing::error!(
+                stream,
+                "A RabbitMQ publishing lane ended unexpectedly; starting a new one."
+            );
+            *lane = spawn_lane(self.shared.clone(), stream.to_string());
+        }
+        lane.jobs.clone()
     }
 }
 
