@@ -477,6 +477,9 @@ async fn closing_the_connection_during_a_full_round_loses_nothing() {
         users: 25_000,
         groups: 30,
         page_size: 200,
+        // At least 125 pages × 30 ms: long enough to close the connection
+        // twice, short enough that publishing never pauses for long.
+        page_latency: Duration::from_millis(30),
         ..Default::default()
     })
     .await;
