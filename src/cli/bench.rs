@@ -442,6 +442,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             // overlaps everything but the page requests themselves needs.
             (connector.pages as f64 / streams as f64) * latency.as_secs_f64()
         });
+        if let SinkKind::Rabbitmq { url } = &sink {
+            // The case's queue holds every event it published: remove it.
+            let name = format!("graphdelta.bench.{}", std::process::id());
+            if let Err(e) = delete_rabbitmq(url, &name).await {
+                notes.push(format!(
+                    "{case}: could not delete queue/exchange {name}: {e}"
+                ));
+            }
+        }
         rows.push(Row {
             case: format!(
                 "{case} ({} obj × {streams} stream{})",
@@ -456,6 +465,22 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     print_table(&rows, &notes);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes the bench's queue and exchange (same name).
+async fn delete_rabbitmq(url: &str, name: &str) -> anyhow::Result<()> {
+    use lapin::{
+        Connection, ConnectionProperties,
+        options::{ExchangeDeleteOptions, QueueDeleteOptions},
+    };
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_delete(name.into(), QueueDeleteOptions::default())
+        .await?;
+    ch.exchange_delete(name.into(), ExchangeDeleteOptions::default())
+        .await?;
+    conn.close(200, "OK".into()).await?;
+    Ok(())
 }
 
 fn print_table(rows: &[Row], notes: &[String]) {
