@@ -7,6 +7,7 @@
 //! Errors say whether retrying can help ([`SinkError::is_retriable`]).
 
 pub mod file;
+pub mod kafka;
 pub mod stdout;
 
 use std::{path::Path, sync::Arc};
@@ -29,6 +30,9 @@ pub enum SinkConfig {
     File(file::FileSinkConfig),
     /// Writes canonical-JSON events to standard output, one per line.
     Stdout(stdout::StdoutSinkConfig),
+    /// Publishes protobuf events to Kafka topics, at-least-once or
+    /// exactly-once (transactions).
+    Kafka(kafka::KafkaSinkConfig),
 }
 
 impl SinkConfig {
@@ -36,14 +40,15 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(_) => Ok(()),
+            SinkConfig::Kafka(c) => c.validate(),
         }
     }
 
     pub(crate) fn rebase_paths(&mut self, base: &Path) {
-        if let SinkConfig::File(c) = self
-            && c.path.is_relative()
-        {
-            c.path = base.join(&c.path);
+        match self {
+            SinkConfig::File(c) if c.path.is_relative() => c.path = base.join(&c.path),
+            SinkConfig::Kafka(c) => c.rebase_paths(base),
+            _ => {}
         }
     }
 
@@ -52,6 +57,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(_) => "file",
             SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::Kafka(_) => "kafka",
         }
     }
 }
@@ -147,6 +153,7 @@ pub async fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
     Ok(match config {
         SinkConfig::File(c) => Arc::new(file::FileSink::open(c)?),
         SinkConfig::Stdout(c) => Arc::new(stdout::StdoutSink::new(c)),
+        SinkConfig::Kafka(c) => Arc::new(kafka::KafkaSink::new(c)?),
     })
 }
 
