@@ -14,17 +14,16 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
-    client::DefaultClientContext,
     error::{KafkaError, RDKafkaErrorCode},
     metadata::Metadata,
 };
 
-use super::config::KafkaSinkConfig;
+use super::{config::KafkaSinkConfig, context::SinkContext};
 use crate::sink::SinkError;
 
 /// The admin side of the sink.
 pub struct Admin {
-    client: Arc<AdminClient<DefaultClientContext>>,
+    client: Arc<AdminClient<SinkContext>>,
     config: Arc<KafkaSinkConfig>,
     /// Topics known to exist (created by us or found in the metadata).
     ensured: tokio::sync::Mutex<HashSet<String>>,
@@ -38,7 +37,7 @@ impl Admin {
         // `auto.create.topics.enable` create it with its defaults.
         cc.set("allow.auto.create.topics", "false");
         let client = cc
-            .create::<AdminClient<DefaultClientContext>>()
+            .create_with_context::<_, AdminClient<SinkContext>>(SinkContext::new("admin"))
             .map_err(|e| {
                 SinkError::Permanent(format!(
                     "kafka: cannot create the admin client: {e}; check [sink.properties]"
@@ -159,12 +158,26 @@ impl Admin {
             .metadata(self.config.startup_timeout)
             .await
             .map_err(|e| self.unreachable(&e, self.config.startup_timeout))?;
-        let existing: HashSet<&str> = md
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| t.name())
-            .collect();
+        let mut existing: HashSet<&str> = HashSet::new();
+        for t in md.topics().iter().filter(|t| topics.contains(&t.name())) {
+            match t.error().map(RDKafkaErrorCode::from) {
+                None if !t.partitions().is_empty() => {
+                    existing.insert(t.name());
+                }
+                None | Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {}
+                Some(code @ RDKafkaErrorCode::TopicAuthorizationFailed) => {
+                    return Err(SinkError::Permanent(format!(
+                        "kafka: topic `{}`: {code}: the principal may not describe or write to it; grant it DESCRIBE and WRITE on the topic (kafka-acls) or check the credentials in [sink.properties]",
+                        t.name()
+                    )));
+                }
+                // Leader elections and the like: the topic exists; the
+                // producer waits for it to become writable.
+                Some(_) => {
+                    existing.insert(t.name());
+                }
+            }
+        }
         let missing: Vec<&str> = topics
             .iter()
             .copied()

@@ -445,6 +445,9 @@ impl KafkaSinkConfig {
         c.set("enable.auto.commit", "false");
         c.set("enable.auto.offset.store", "false");
         c.set("enable.partition.eof", "true");
+        // The end of the partition is found by fetching; don't let the
+        // broker hold each empty fetch for the default 500 ms.
+        c.set("fetch.wait.max.ms", "50");
         c.set("auto.offset.reset", "earliest");
         c.set(
             "isolation.level",

@@ -90,6 +90,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod context;
 pub mod encoder;
 pub mod producer;
 pub mod registry;

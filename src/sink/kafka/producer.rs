@@ -32,7 +32,10 @@ use rdkafka::{
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
 
-use super::{config::KafkaSinkConfig, encoder::Record};
+use super::{config::KafkaSinkConfig, context::SinkContext, encoder::Record};
+
+/// The sink's producer type.
+pub type SinkProducer = FutureProducer<SinkContext>;
 use crate::sink::SinkError;
 
 /// What a failure means for the caller.
@@ -162,7 +165,7 @@ impl Failure {
 /// the last record is in librdkafka's queue (the caller may then let the
 /// next batch of the stream enqueue behind it).
 pub async fn produce_all(
-    producer: &FutureProducer,
+    producer: &SinkProducer,
     records: &[Record],
     enqueued: impl FnOnce(),
 ) -> Result<(), Failure> {
@@ -277,7 +280,7 @@ pub struct AtLeastOnce {
     config: Arc<KafkaSinkConfig>,
     /// Replaced after a fatal error (the idempotent producer's sequence
     /// state is lost; only a new instance can continue).
-    producer: RwLock<(u64, FutureProducer)>,
+    producer: RwLock<(u64, SinkProducer)>,
     /// Per stream: held while a batch enqueues, so that the batches of one
     /// stream enter librdkafka's queue in the order they were published.
     order: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -294,7 +297,7 @@ impl AtLeastOnce {
     }
 
     /// The current producer and its generation.
-    pub fn producer(&self) -> (u64, FutureProducer) {
+    pub fn producer(&self) -> (u64, SinkProducer) {
         self.producer
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -321,7 +324,7 @@ impl AtLeastOnce {
         }
     }
 
-    fn replace_after_fatal(&self, generation: u64, failed: &FutureProducer) {
+    fn replace_after_fatal(&self, generation: u64, failed: &SinkProducer) {
         let reason = failed
             .client()
             .fatal_error()
@@ -353,10 +356,15 @@ impl AtLeastOnce {
 pub fn create_producer(
     config: &KafkaSinkConfig,
     transactional_id: Option<&str>,
-) -> Result<FutureProducer, SinkError> {
+) -> Result<SinkProducer, SinkError> {
+    let client = if transactional_id.is_some() {
+        "transactional-producer"
+    } else {
+        "producer"
+    };
     config
         .producer_config(transactional_id)?
-        .create::<FutureProducer>()
+        .create_with_context::<_, SinkProducer>(SinkContext::new(client))
         .map_err(|e| {
             SinkError::Permanent(format!(
                 "kafka: cannot create the producer: {e}; check [sink.properties]"

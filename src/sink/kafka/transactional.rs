@@ -51,14 +51,15 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
     error::KafkaError,
-    producer::{FutureProducer, Producer},
+    producer::Producer,
 };
 
 use super::{
     admin::Admin,
     config::KafkaSinkConfig,
+    context::SinkContext,
     encoder::{Record, checkpoint_record},
-    producer::{Class, Failure, create_producer, produce_all},
+    producer::{Class, Failure, SinkProducer, classify, create_producer, produce_all},
 };
 use crate::{
     normalize::memory::StateWrites,
@@ -80,7 +81,7 @@ struct TxnStream {
     transactional_id: String,
     /// Initialized (`init_transactions` done); `None` before first use and
     /// after a fatal error.
-    producer: Option<FutureProducer>,
+    producer: Option<SinkProducer>,
     /// The newest committed checkpoint: `None` until read back after the
     /// producer was initialized; `Some(None)`: the topic has none.
     committed: Option<Option<StoredCheckpoint>>,
@@ -186,7 +187,7 @@ impl ExactlyOnce {
 
     /// Initializes the producer and reads the committed checkpoint back, as
     /// needed.
-    async fn ready(&self, st: &mut TxnStream) -> Result<FutureProducer, SinkError> {
+    async fn ready(&self, st: &mut TxnStream) -> Result<SinkProducer, SinkError> {
         if let Some(m) = &st.fenced {
             return Err(SinkError::Fenced(m.clone()));
         }
@@ -275,6 +276,7 @@ impl ExactlyOnce {
             ));
         }
         if let Err(failure) = produce_all(&producer, &records, || {}).await {
+            let failure = with_fatal_state(&producer, failure);
             return Err(self.abort(&mut st, &producer, failure, batch.seq).await);
         }
         match self.commit(&producer).await {
@@ -287,7 +289,8 @@ impl ExactlyOnce {
                 Ok(())
             }
             Err(e) => {
-                let failure = Failure::from_kafka(&e, &self.checkpoint_topic);
+                let failure =
+                    with_fatal_state(&producer, Failure::from_kafka(&e, &self.checkpoint_topic));
                 let abortable = matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
                 if abortable {
                     Err(self.abort(&mut st, &producer, failure, batch.seq).await)
@@ -311,7 +314,7 @@ impl ExactlyOnce {
 
     /// `commit_transaction`, retried while librdkafka says a retry can
     /// succeed (its own timeout, a coordinator move).
-    async fn commit(&self, producer: &FutureProducer) -> Result<(), KafkaError> {
+    async fn commit(&self, producer: &SinkProducer) -> Result<(), KafkaError> {
         let timeout = self.config.delivery_timeout;
         let mut attempts = 0;
         loop {
@@ -334,7 +337,7 @@ impl ExactlyOnce {
     async fn abort(
         &self,
         st: &mut TxnStream,
-        producer: &FutureProducer,
+        producer: &SinkProducer,
         failure: Failure,
         seq: u64,
     ) -> SinkError {
@@ -347,7 +350,8 @@ impl ExactlyOnce {
             .await
             .unwrap_or(Err(KafkaError::Canceled));
         if let Err(e) = aborted {
-            let abort_failure = Failure::from_kafka(&e, &self.checkpoint_topic);
+            let abort_failure =
+                with_fatal_state(producer, Failure::from_kafka(&e, &self.checkpoint_topic));
             tracing::warn!(stream = %st.name, error = %e, "Aborting the transaction failed; the producer is replaced.");
             if abort_failure.class == Class::Fenced {
                 return st.fenced_error(&abort_failure.message);
@@ -363,7 +367,7 @@ impl ExactlyOnce {
 
     /// Waits for outstanding records of every producer.
     pub async fn flush(&self, timeout: Duration) {
-        let producers: Vec<FutureProducer> = {
+        let producers: Vec<SinkProducer> = {
             let streams: Vec<_> = self
                 .streams
                 .lock()
@@ -387,6 +391,25 @@ impl ExactlyOnce {
     }
 }
 
+/// A failed record or commit of a producer that hit a fatal error (fenced,
+/// or an idempotence failure) is reported as that fatal error: the
+/// individual delivery reports then only say "purged".
+fn with_fatal_state(producer: &SinkProducer, failure: Failure) -> Failure {
+    match producer.client().fatal_error() {
+        Some((code, reason)) => Failure {
+            class: match classify(code) {
+                Class::Fenced => Class::Fenced,
+                _ => Class::Fatal,
+            },
+            message: format!(
+                "{} (producer fatal error {code}: {reason})",
+                failure.message
+            ),
+        },
+        None => failure,
+    }
+}
+
 /// Reads `stream`'s newest committed record from the checkpoint topic.
 ///
 /// Blocking. Reads with `read_committed` from the beginning of every
@@ -407,10 +430,12 @@ pub fn read_checkpoint(
     let kafka_err = |what: &str, e: KafkaError| {
         Failure::from_kafka(&e, topic).into_sink_error(&format!("{context}: {what}"))
     };
-    let create = |read_committed: bool| -> Result<BaseConsumer, SinkError> {
+    let create = |read_committed: bool| -> Result<BaseConsumer<SinkContext>, SinkError> {
         config
             .consumer_config(read_committed)?
-            .create::<BaseConsumer>()
+            .create_with_context::<_, BaseConsumer<SinkContext>>(SinkContext::new(
+                "checkpoint-reader",
+            ))
             .map_err(|e| SinkError::Permanent(format!("{context}: cannot create a consumer: {e}")))
     };
 
