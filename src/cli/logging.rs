@@ -2,7 +2,7 @@
 //! terminal, JSON lines with `--log-format json` (or `auto` when stderr is
 //! not a terminal). `RUST_LOG` overrides the level.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -45,7 +45,43 @@ pub fn init(format: LogFormat, verbose: u8) {
             .init();
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .with(fmt::layer().with_writer(AboveBars).with_target(false))
             .init();
+    }
+}
+
+/// Writes log lines to stderr above any progress bars.
+#[derive(Clone, Copy)]
+struct AboveBars;
+
+impl<'a> fmt::MakeWriter<'a> for AboveBars {
+    type Writer = AboveBarsWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        AboveBarsWriter(Vec::new())
+    }
+}
+
+/// Buffers one event and prints it in one piece when dropped.
+struct AboveBarsWriter(Vec<u8>);
+
+impl std::io::Write for AboveBarsWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for AboveBarsWriter {
+    fn drop(&mut self) {
+        let write = || {
+            let _ = std::io::stderr().write_all(&self.0);
+        };
+        match super::progress::multi() {
+            Some(m) => m.suspend(write),
+            None => write(),
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! print results. Errors here are `anyhow` with the library's message.
 
 pub mod logging;
+pub mod progress;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -66,6 +67,14 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// GET a URL and exit 0 on HTTP 2xx (container healthchecks: the runtime
+    /// image has no curl).
+    Probe {
+        /// e.g. http://127.0.0.1:9464/health/ready
+        url: String,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Write the event schema's protobuf descriptor set.
     Schema {
         /// Output file (default: stdout).
@@ -85,6 +94,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
             yes,
         } => reset(config, &stream, yes),
         Command::Schema { out } => schema(out),
+        Command::Probe { url, timeout } => probe(&url, timeout).await,
     };
     match result {
         Ok(code) => code,
@@ -98,7 +108,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
 /// Exit code for configuration errors.
 const EXIT_CONFIG: u8 = 2;
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_CONFIG)
@@ -151,7 +161,14 @@ async fn run(path: PathBuf, once: bool) -> anyhow::Result<ExitCode> {
         shutdown,
         status: Default::default(),
     };
-    match runtime::run(&config, options).await {
+    let stop_progress = CancellationToken::new();
+    let progress = progress::spawn(options.status.clone(), stop_progress.clone());
+    let result = runtime::run(&config, options).await;
+    stop_progress.cancel();
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(runtime::RunError::Config(e)) => {
             eprintln!("error: {e}");
@@ -291,4 +308,21 @@ fn schema(out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn probe(url: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::builder().timeout(timeout).build()?;
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => Ok(ExitCode::SUCCESS),
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            eprintln!("{url}: HTTP {status}: {}", body.trim());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

@@ -340,6 +340,13 @@ pub struct HttpConfig {
     /// Address to listen on; loopback unless you mean otherwise.
     #[serde(default = "default_http_listen")]
     pub listen: String,
+    /// How often readiness probes Graph's token endpoint and the sink.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+const fn default_probe_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_http_listen() -> String {

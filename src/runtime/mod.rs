@@ -4,6 +4,7 @@
 //! The runtime is the only place that commits checkpoints, and only after
 //! the sink acknowledged (see [`stream`] for the commit rule).
 
+pub mod http;
 pub mod metrics;
 pub mod status;
 pub mod stream;
@@ -37,6 +38,8 @@ pub enum RunError {
     Graph { tenant: String, source: GraphError },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Http(std::io::Error),
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     Streams(Vec<StreamError>),
 }
@@ -56,6 +59,7 @@ pub struct RunOptions {
 pub struct Prepared {
     runners: Vec<StreamRunner>,
     sink: Arc<dyn Sink>,
+    graphs: Vec<GraphClient>,
 }
 
 impl Prepared {
@@ -114,7 +118,13 @@ impl Prepared {
                 options.shutdown.clone(),
             ));
         }
-        Ok(Prepared { runners, sink })
+        let mut graphs: Vec<(String, GraphClient)> = clients.into_iter().collect();
+        graphs.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Prepared {
+            runners,
+            sink,
+            graphs: graphs.into_iter().map(|(_, c)| c).collect(),
+        })
     }
 
     /// Runs every stream to the end (caught up with `once`, or shutdown).
@@ -141,8 +151,33 @@ impl Prepared {
     }
 }
 
-/// Runs a connector definition.
+/// Runs a connector definition (with its HTTP endpoint, if configured).
 pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
+    if config.http.is_some() {
+        // Install the recorder before the first metric is emitted.
+        http::prometheus();
+    }
     let prepared = Prepared::new(config, &options).await?;
+    let ops = CancellationToken::new();
+    let _stop_ops = ops.clone().drop_guard();
+    if let Some(h) = &config.http {
+        let readiness = Arc::new(http::Readiness::default());
+        http::serve(
+            &h.listen,
+            options.status.clone(),
+            readiness.clone(),
+            ops.clone(),
+        )
+        .await
+        .map_err(RunError::Http)?;
+        tokio::spawn(http::probe_loop(
+            prepared.graphs.clone(),
+            prepared.sink.clone(),
+            options.status.clone(),
+            readiness,
+            h.probe_interval,
+            ops.clone(),
+        ));
+    }
     prepared.run(options.once).await
 }
