@@ -316,3 +316,92 @@ async fn the_confluent_wire_format_registers_the_schema_and_frames_each_value() 
         );
     }
 }
+
+/// The Python interpreter `scripts/test` prepared (a venv with
+/// confluent-kafka). Panics with the fix when missing: never skips.
+fn test_python() -> String {
+    let python = std::env::var("GRAPHDELTA_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "GRAPHDELTA_TEST_PYTHON is not set: run the tests with scripts/test, or create a venv with `pip install 'confluent-kafka>=2.6,<3'` and export GRAPHDELTA_TEST_PYTHON=<venv>/bin/python"
+        )
+    });
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "GRAPHDELTA_TEST_PYTHON={python} cannot import confluent_kafka"
+    );
+    python
+}
+
+/// Runs `tests/python/read_topic.py` on `topic`; its JSON summary.
+fn python_read_topic(brokers: &str, topic: &str) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/read_topic.py");
+    let out = std::process::Command::new(test_python())
+        .args([
+            script,
+            "--brokers",
+            brokers,
+            "--topic",
+            topic,
+            "--timeout",
+            "30",
+        ])
+        .output()
+        .expect("run read_topic.py");
+    assert!(
+        out.status.success(),
+        "read_topic.py failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("read_topic.py prints JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_python_reader_sees_the_same_records() {
+    let brokers = test_brokers();
+    let prefix = rand_name("gd-python");
+    let sink = KafkaSink::new(&sink_config(
+        &brokers,
+        &format!("topic = \"{prefix}.{{stream}}\"\npartitions = 2"),
+    ))
+    .unwrap();
+    let mut events = Vec::new();
+    for i in 0..20 {
+        events.push(event("users", &format!("u{i}"), ChangeType::Created, 1));
+    }
+    for i in 0..5 {
+        events.push(event("users", &format!("u{i}"), ChangeType::Updated, 2));
+    }
+    events.push(event("users", "u7", ChangeType::HardDeleted, 2));
+    publish(&sink, "users", 1, &events[..13]).await.unwrap();
+    publish(&sink, "users", 2, &events[13..]).await.unwrap();
+
+    let summary = python_read_topic(&brokers, &format!("{prefix}.users"));
+    assert_eq!(summary["records"], 27, "{summary}");
+    assert_eq!(summary["events"], 26, "{summary}");
+    assert_eq!(summary["tombstones"], 1, "{summary}");
+    assert_eq!(summary["keys"].as_object().unwrap().len(), 20, "{summary}");
+    assert_eq!(summary["keys"]["u0"], 2);
+    assert_eq!(summary["keys"]["u7"], 3, "created, hard deleted, tombstone");
+    assert_eq!(summary["ce_types"]["graphdelta.v1.user.created"], 20);
+    assert_eq!(summary["ce_types"]["graphdelta.v1.user.updated"], 5);
+    assert_eq!(summary["ce_types"]["graphdelta.v1.user.hard_deleted"], 1);
+    assert_eq!(summary["content_types"]["application/x-protobuf"], 26);
+    assert_eq!(summary["subjects_match_keys"], true);
+    let mut ids: Vec<String> = summary["ce_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+}
