@@ -32,7 +32,8 @@ pub enum SinkConfig {
     Stdout(stdout::StdoutSinkConfig),
     /// Publishes protobuf events to Kafka topics, at-least-once or
     /// exactly-once (transactions).
-    Kafka(kafka::KafkaSinkConfig),
+    // Boxed: its many settings would make every `SinkConfig` large.
+    Kafka(Box<kafka::KafkaSinkConfig>),
 }
 
 impl SinkConfig {

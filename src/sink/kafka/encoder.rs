@@ -65,6 +65,14 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
 }
 
+/// The Confluent framing of one topic's values.
+#[derive(Clone)]
+struct Framing {
+    prefix: Arc<[u8]>,
+    /// The CloudEvents `dataschema`.
+    schema_url: String,
+}
+
 /// Encodes batches for one sink.
 pub struct Encoder {
     template: TopicTemplate,
@@ -131,8 +139,8 @@ impl Encoder {
     /// their `HARD_DELETED` event).
     pub async fn encode(&self, batch: &OutBatch<'_>) -> Result<Vec<Record>, SinkError> {
         let mut records = Vec::with_capacity(batch.events.len() + batch.events.len() / 8);
-        // Per topic: the framing prefix and the dataschema URL (Confluent).
-        let mut framing: HashMap<Arc<str>, Option<(Arc<[u8]>, String)>> = HashMap::new();
+        // Per topic (Confluent wire format only).
+        let mut framing: HashMap<Arc<str>, Option<Framing>> = HashMap::new();
         for event in batch.events {
             let topic = self.topic_for(event)?;
             let frame = match framing.get(&topic) {
@@ -141,7 +149,10 @@ impl Encoder {
                     let f = match &self.registry {
                         Some(r) => {
                             let (id, prefix) = r.prefix_for(&topic).await?;
-                            Some((prefix, r.schema_url(id)))
+                            Some(Framing {
+                                prefix,
+                                schema_url: r.schema_url(id),
+                            })
                         }
                         None => None,
                     };
@@ -155,17 +166,17 @@ impl Encoder {
                     .saturating_add(i64::from(t.nanos / 1_000_000))
             });
             let mut value = Vec::with_capacity(
-                event.encoded_len() + frame.as_ref().map_or(0, |(p, _)| p.len()),
+                event.encoded_len() + frame.as_ref().map_or(0, |f| f.prefix.len()),
             );
-            if let Some((prefix, _)) = &frame {
-                value.extend_from_slice(prefix);
+            if let Some(f) = &frame {
+                value.extend_from_slice(&f.prefix);
             }
             event
                 .encode(&mut value)
                 .expect("a Vec grows to fit the encoding");
             let mut headers = cloudevents_headers(event);
-            if let Some((_, schema_url)) = frame {
-                headers.push(("ce_dataschema", schema_url));
+            if let Some(f) = frame {
+                headers.push(("ce_dataschema", f.schema_url));
             }
             records.push(Record {
                 topic: topic.clone(),

@@ -41,6 +41,9 @@ pub const REFERENCES: &[(&str, &str)] = &[
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
+/// A registered schema: its id and the framing prefix of its values.
+type Registered = (u32, Arc<[u8]>);
+
 /// A Schema Registry with the ids it handed out.
 pub struct SchemaRegistry {
     base: Url,
@@ -48,7 +51,7 @@ pub struct SchemaRegistry {
     username: Option<String>,
     password: Option<SecretString>,
     /// Subject → framing prefix (magic byte, id, message indexes).
-    prefixes: tokio::sync::Mutex<HashMap<String, (u32, Arc<[u8]>)>>,
+    prefixes: tokio::sync::Mutex<HashMap<String, Registered>>,
     /// Versions of the registered references, once known.
     references: tokio::sync::OnceCell<Vec<serde_json::Value>>,
     message_indexes: Vec<u8>,
@@ -97,7 +100,7 @@ impl SchemaRegistry {
 
     /// The framing prefix for values of `topic`, registering the schema
     /// under `<topic>-value` the first time; also returns the schema id.
-    pub async fn prefix_for(&self, topic: &str) -> Result<(u32, Arc<[u8]>), SinkError> {
+    pub async fn prefix_for(&self, topic: &str) -> Result<Registered, SinkError> {
         let subject = format!("{topic}-value");
         let mut prefixes = self.prefixes.lock().await;
         if let Some(p) = prefixes.get(&subject) {

@@ -501,11 +501,10 @@ pub fn read_checkpoint(
                 )));
             }
             None => {}
-            Some(Ok(m)) => {
-                if m.key() == Some(stream.as_bytes()) {
-                    latest.insert(m.partition(), m.payload().map(<[u8]>::to_vec));
-                }
+            Some(Ok(m)) if m.key() == Some(stream.as_bytes()) => {
+                latest.insert(m.partition(), m.payload().map(<[u8]>::to_vec));
             }
+            Some(Ok(_)) => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 done.insert(p);
             }
