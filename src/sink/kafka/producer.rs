@@ -122,8 +122,18 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// A failure from librdkafka for `topic`.
+    /// A failure from librdkafka for a record of `topic`.
     pub fn from_kafka(error: &KafkaError, topic: &str) -> Self {
+        Self::new(error, &format!("topic `{topic}`"), topic)
+    }
+
+    /// A failure of a transaction operation (`init_transactions`,
+    /// `commit_transaction`, ...); `topic` is the one a fix would name.
+    pub fn from_txn(error: &KafkaError, operation: &str, topic: &str) -> Self {
+        Self::new(error, operation, topic)
+    }
+
+    fn new(error: &KafkaError, subject: &str, topic: &str) -> Self {
         let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
         let class = match error {
             KafkaError::Transaction(e) if e.is_fatal() && classify(code) != Class::Fenced => {
@@ -138,8 +148,8 @@ impl Failure {
             _ => classify(code),
         };
         let message = match class {
-            Class::Permanent => format!("topic `{topic}`: {error}: {}", fix_for(code, topic)),
-            _ => format!("topic `{topic}`: {error}"),
+            Class::Permanent => format!("{subject}: {error}: {}", fix_for(code, topic)),
+            _ => format!("{subject}: {error}"),
         };
         Self { class, message }
     }

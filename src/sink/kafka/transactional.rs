@@ -210,7 +210,9 @@ impl ExactlyOnce {
                         ))
                     })?;
                 if let Err(e) = result {
-                    return Err(st.fail(Failure::from_kafka(&e, &self.checkpoint_topic), None));
+                    let failure =
+                        Failure::from_txn(&e, "init_transactions", &self.checkpoint_topic);
+                    return Err(st.fail(failure, None));
                 }
                 tracing::info!(stream = %st.name, transactional_id = %st.transactional_id, "Transactional producer initialized; earlier instances are fenced.");
                 st.committed = None;
@@ -270,10 +272,11 @@ impl ExactlyOnce {
         records.push(checkpoint_record(&self.checkpoint_topic, batch));
 
         if let Err(e) = producer.begin_transaction() {
-            return Err(st.fail(
-                Failure::from_kafka(&e, &self.checkpoint_topic),
-                Some(batch.seq),
-            ));
+            let failure = with_fatal_state(
+                &producer,
+                Failure::from_txn(&e, "begin_transaction", &self.checkpoint_topic),
+            );
+            return Err(st.fail(failure, Some(batch.seq)));
         }
         if let Err(failure) = produce_all(&producer, &records, || {}).await {
             let failure = with_fatal_state(&producer, failure);
@@ -289,8 +292,10 @@ impl ExactlyOnce {
                 Ok(())
             }
             Err(e) => {
-                let failure =
-                    with_fatal_state(&producer, Failure::from_kafka(&e, &self.checkpoint_topic));
+                let failure = with_fatal_state(
+                    &producer,
+                    Failure::from_txn(&e, "commit_transaction", &self.checkpoint_topic),
+                );
                 let abortable = matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
                 if abortable {
                     Err(self.abort(&mut st, &producer, failure, batch.seq).await)
@@ -350,8 +355,10 @@ impl ExactlyOnce {
             .await
             .unwrap_or(Err(KafkaError::Canceled));
         if let Err(e) = aborted {
-            let abort_failure =
-                with_fatal_state(producer, Failure::from_kafka(&e, &self.checkpoint_topic));
+            let abort_failure = with_fatal_state(
+                producer,
+                Failure::from_txn(&e, "abort_transaction", &self.checkpoint_topic),
+            );
             tracing::warn!(stream = %st.name, error = %e, "Aborting the transaction failed; the producer is replaced.");
             if abort_failure.class == Class::Fenced {
                 return st.fenced_error(&abort_failure.message);
