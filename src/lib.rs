@@ -37,7 +37,8 @@ pub mod config;
 pub mod graph;
 pub mod normalize;
 pub mod proto;
+pub mod replay;
 pub mod retry;
 pub mod runtime;
-// pub mod simulator; (arrives with the simulator)
+pub mod simulator;
 pub mod sink;

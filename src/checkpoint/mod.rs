@@ -33,6 +33,9 @@ use crate::{
 
 const SCHEMA_VERSION: &str = "1";
 
+/// `seen_round` of tombstones (hard-deleted objects kept for their version).
+const TOMBSTONE_ROUND: i64 = i64::MAX;
+
 /// A checkpoint store failure. Not retried by the runtime's page loop: the
 /// stream stops with this message (disk full, read-only, corrupt file).
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +204,9 @@ impl Store {
     fn decode_state(&self, seen_round: i64, blob: &[u8]) -> Result<ObjectState, CheckpointError> {
         let mut state = ObjectState::decode(blob)
             .map_err(|e| self.err(format!("object state is corrupt: {e}")))?;
-        state.seen_round = seen_round as u64;
+        if seen_round != TOMBSTONE_ROUND {
+            state.seen_round = seen_round as u64;
+        }
         Ok(state)
     }
 
@@ -254,13 +259,24 @@ impl Store {
                 match state {
                     Some(state) => {
                         buf.clear();
-                        // seen_round lives in its own column, for reconciliation.
+                        // seen_round lives in its own column, for
+                        // reconciliation (a tombstone keeps it in the blob).
                         let stored = ObjectState {
-                            seen_round: 0,
+                            seen_round: if state.hard_deleted {
+                                state.seen_round
+                            } else {
+                                0
+                            },
                             ..state.clone()
                         };
                         stored.encode(&mut buf).expect("Vec grows");
-                        put.execute(params![id, state.seen_round as i64, buf])?;
+                        // Tombstones are never stale: reconciliation skips them.
+                        let seen = if state.hard_deleted {
+                            TOMBSTONE_ROUND
+                        } else {
+                            state.seen_round as i64
+                        };
+                        put.execute(params![id, seen, buf])?;
                     }
                     None => {
                         delete.execute([id])?;
@@ -369,10 +385,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Number of remembered objects.
+    /// Number of remembered objects (live or soft-deleted; tombstones of
+    /// hard-deleted ones not counted).
     pub fn object_count(&self) -> Result<u64, CheckpointError> {
         self.conn
-            .query_row("SELECT count(*) FROM objects", [], |r| r.get::<_, i64>(0))
+            .query_row(
+                "SELECT count(*) FROM objects WHERE seen_round < ?1",
+                [TOMBSTONE_ROUND],
+                |r| r.get::<_, i64>(0),
+            )
             .map(|n| n as u64)
             .map_err(|e| self.err(e))
     }

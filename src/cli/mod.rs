@@ -1,6 +1,7 @@
 //! Command-line glue: parse flags, load the connector file, call the library,
 //! print results. Errors here are `anyhow` with the library's message.
 
+pub mod demo;
 pub mod logging;
 pub mod progress;
 
@@ -37,6 +38,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The main job on embedded defaults: the built-in Graph simulator, the
+    /// file sink and the embedded checkpoint store. No account or broker.
+    Demo(demo::DemoArgs),
+    /// Serve the built-in Graph tenant simulator (delta protocol, token
+    /// endpoint, faults, churn, ground truth).
+    Simulate(Box<graphdelta::simulator::SimulateArgs>),
     /// Run the connector: every stream, polling until SIGTERM (or once).
     Run {
         /// The connector file.
@@ -85,6 +92,10 @@ pub enum Command {
 
 pub async fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
+        Command::Demo(args) => demo::demo(args).await,
+        Command::Simulate(args) => graphdelta::simulator::run(*args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Run { config, once } => run(config, once).await,
         Command::Validate { config } => validate(config),
         Command::Status { config } => status(config),

@@ -235,17 +235,27 @@ impl Normalizer<'_> {
         // ...) is the object's properties as Graph returned them.
         object.retain(|k, _| !k.starts_with('@') && !k.contains("@odata."));
 
-        let previous = self.current_object(&id)?;
+        let remembered = self.current_object(&id)?;
+        // A tombstone keeps the version counter of a hard-deleted object;
+        // for everything else the object is gone.
+        let tombstone = remembered.as_ref().is_some_and(|p| p.hard_deleted);
+        let previous = remembered.clone().filter(|p| !p.hard_deleted);
         let object_type = sent_type
             .or_else(|| {
-                previous
+                remembered
                     .as_ref()
                     .map(|p| p.object_type.clone())
                     .filter(|t| !t.is_empty())
             })
             .unwrap_or_else(|| self.ctx.default_object_type.clone());
 
-        let mut state = previous.clone().unwrap_or_default();
+        let mut state = match &previous {
+            Some(p) => p.clone(),
+            None => ObjectState {
+                version: remembered.as_ref().map_or(0, |p| p.version),
+                ..ObjectState::default()
+            },
+        };
         state.seen_round = self.round.round;
         state.object_type = if object_type == self.ctx.default_object_type {
             String::new()
@@ -257,7 +267,11 @@ impl Normalizer<'_> {
         let (change_type, changed) = match removed {
             Removed::Deleted => {
                 self.out.writes.forget_group(&id);
-                (Some(ChangeType::HardDeleted), Vec::new())
+                state.hard_deleted = true;
+                state.soft_deleted = false;
+                state.property_hashes.clear();
+                // Deleted once already: a replay of that deletion.
+                ((!tombstone).then_some(ChangeType::HardDeleted), Vec::new())
             }
             Removed::Changed => {
                 let replay = previous.as_ref().is_some_and(|p| p.soft_deleted);
@@ -305,7 +319,7 @@ impl Normalizer<'_> {
         match change_type {
             None => {
                 // Nothing to report; remember that the object was seen.
-                if previous.as_ref() != Some(&state) {
+                if remembered.as_ref() != Some(&state) {
                     self.out.writes.objects.insert(id, Some(state));
                 }
             }
@@ -325,11 +339,7 @@ impl Normalizer<'_> {
                     content: content.digest(),
                 });
                 self.out.events.push(event);
-                let write = match change_type {
-                    ChangeType::HardDeleted => None,
-                    _ => Some(state),
-                };
-                self.out.writes.objects.insert(id, write);
+                self.out.writes.objects.insert(id, Some(state));
             }
         }
         Ok(())
@@ -574,6 +584,18 @@ pub fn inferred_deletion(
     )
 }
 
+/// The memory of an object after its (reported or inferred) hard deletion.
+pub fn tombstone(state: &ObjectState) -> ObjectState {
+    ObjectState {
+        version: state.version + 1,
+        soft_deleted: false,
+        seen_round: state.seen_round,
+        property_hashes: Vec::new(),
+        object_type: state.object_type.clone(),
+        hard_deleted: true,
+    }
+}
+
 /// Reconciliation of a group listed in a full round: memberships it had
 /// but the round did not list were removed during the gap.
 pub fn inferred_member_removals(
@@ -735,7 +757,23 @@ mod tests {
         );
         assert_eq!(kinds(&e), vec![("a".into(), ChangeType::HardDeleted)]);
         assert_eq!(e[0].object_version, 6);
-        assert!(m.objects.is_empty());
+        // A tombstone remains: a replayed deletion is not reported again,
+        // and the version never restarts.
+        assert!(m.objects["a"].hard_deleted);
+        assert!(m.objects["a"].property_hashes.is_empty());
+        assert!(
+            run(
+                &c,
+                &mut m,
+                false,
+                json!([{"id": "a", "@removed": {"reason": "deleted"}}])
+            )
+            .is_empty()
+        );
+        let e = run(&c, &mut m, false, json!([{"id": "a", "displayName": "B"}]));
+        assert_eq!(kinds(&e), vec![("a".into(), ChangeType::Created)]);
+        assert_eq!(e[0].object_version, 7);
+        assert_eq!(e[0].changed_properties, vec!["displayName"]);
     }
 
     #[test]

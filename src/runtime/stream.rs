@@ -728,7 +728,9 @@ impl StreamRunner {
             for (id, state) in stale {
                 events.push(normalize::inferred_deletion(&ctx, &round_ctx, &id, &state));
                 writes.forget_group(&id);
-                writes.objects.insert(id, None);
+                writes
+                    .objects
+                    .insert(id, Some(normalize::tombstone(&state)));
             }
             inferred += events.len() as u64;
             if !self.publish_reconcile_batch(events, writes).await? {
