@@ -474,3 +474,347 @@ async fn a_second_instance_fences_the_first_which_stops() {
         2
     );
 }
+
+// ---- Through the runtime: the Graph simulator, the stream runner and the
+// ---- embedded checkpoint store, with the mock cluster misbehaving.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use graphdelta::{
+    config::Config,
+    runtime::{Prepared, RunError, RunOptions},
+    simulator::{ChurnSpec, SimConfig},
+    sink::{OutBatch, SinkConfig, StoredCheckpoint},
+};
+
+fn kafka_config(config: &Config) -> &graphdelta::sink::kafka::KafkaSinkConfig {
+    match &config.sink {
+        SinkConfig::Kafka(c) => c,
+        other => panic!("not a Kafka sink: {}", other.kind()),
+    }
+}
+
+/// Counts the errors the runtime saw; optionally fails one batch after
+/// Kafka accepted it (a crash between the Kafka and the store commits).
+struct Observed {
+    inner: KafkaSink,
+    retriable: AtomicU32,
+    crash_after: Option<(&'static str, u64)>,
+}
+
+impl Observed {
+    fn new(inner: KafkaSink) -> Self {
+        Self {
+            inner,
+            retriable: AtomicU32::new(0),
+            crash_after: None,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for Observed {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+    async fn publish(&self, batch: OutBatch<'_>) -> Result<(), SinkError> {
+        let result = self.inner.publish(batch).await;
+        if let Err(SinkError::Retriable(_)) = &result {
+            self.retriable.fetch_add(1, Ordering::SeqCst);
+        }
+        if result.is_ok() && self.crash_after == Some((batch.stream, batch.seq)) {
+            return Err(SinkError::Permanent(
+                "simulated crash after the Kafka commit".into(),
+            ));
+        }
+        result
+    }
+    fn stores_checkpoints(&self) -> bool {
+        self.inner.stores_checkpoints()
+    }
+    async fn stored_checkpoint(&self, stream: &str) -> Result<Option<StoredCheckpoint>, SinkError> {
+        self.inner.stored_checkpoint(stream).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+fn run_with(
+    config: &Config,
+    sink: Arc<Observed>,
+) -> impl std::future::Future<Output = Result<(), RunError>> + Send + use<> {
+    Prepared::with_sink(
+        config,
+        &RunOptions::default(),
+        sink,
+        config.resolve().unwrap(),
+    )
+    .unwrap()
+    .run(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_commits_nothing_while_kafka_fails_and_loses_nothing_once_it_recovers() {
+    let prefix = rand_name("gd-mock-rt");
+    let (users_topic, groups_topic) = (format!("{prefix}.users"), format!("{prefix}.groups"));
+    let mock = cluster(1, &[&users_topic, &groups_topic]);
+    let brokers = mock.bootstrap_servers();
+    let (simulator, handle) = start_simulator(SimConfig {
+        users: 100,
+        groups: 5,
+        members_per_group: 4,
+        page_size: 25,
+        seed: 3,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = connector(
+        &handle,
+        dir.path(),
+        &format!(
+            "[sink]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{prefix}.{{stream}}\"\ndelivery_timeout = \"1s\""
+        ),
+    );
+    let sink = Arc::new(Observed::new(
+        KafkaSink::new(kafka_config(&config)).unwrap(),
+    ));
+
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 5000],
+    );
+    let run = tokio::spawn(run_with(&config, sink.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink.retriable.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "no retriable failures seen");
+        assert!(!run.is_finished(), "the run ended while Kafka was failing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        committed_seq(dir.path(), "users"),
+        None,
+        "committed while Kafka failed"
+    );
+    assert_eq!(
+        committed_seq(dir.path(), "groups"),
+        None,
+        "committed while Kafka failed"
+    );
+
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run finishes once Kafka recovers")
+        .unwrap()
+        .unwrap();
+    // Every object arrived (duplicates from the retries fold away).
+    let (users, _) = assert_topics_match_truth(
+        &brokers,
+        &users_topic,
+        &groups_topic,
+        &simulator.truth(),
+        false,
+        "recovered",
+    );
+    let keys: HashSet<_> = users.iter().filter_map(|r| r.key.clone()).collect();
+    assert_eq!(keys.len(), 100);
+    assert!(committed_seq(dir.path(), "users").unwrap() >= 4);
+    handle.shutdown().await;
+}
+
+fn eos_sink_toml(brokers: &str, prefix: &str) -> String {
+    format!(
+        "[sink]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{prefix}.{{stream}}\"\nexactly_once = true\ncheckpoint_topic = \"{prefix}.checkpoints\"\ntransactional_id_prefix = \"{prefix}-\"\ndelivery_timeout = \"2s\"\nstartup_timeout = \"1s\""
+    )
+}
+
+/// The process dies after Kafka committed a batch's transaction and before
+/// the embedded store committed it: the next start reads the batch's
+/// checkpoint from the checkpoint topic, rolls the store forward and goes
+/// on after it, so the batch is not sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_rolls_the_store_forward_after_a_crash_between_the_two_commits() {
+    let prefix = rand_name("gd-mock-rollfwd");
+    let (users_topic, groups_topic) = (format!("{prefix}.users"), format!("{prefix}.groups"));
+    let mock = cluster(
+        3,
+        &[
+            &users_topic,
+            &groups_topic,
+            &format!("{prefix}.checkpoints"),
+        ],
+    );
+    let brokers = mock.bootstrap_servers();
+    let (simulator, handle) = start_simulator(SimConfig {
+        users: 100,
+        groups: 5,
+        members_per_group: 4,
+        page_size: 20,
+        seed: 4,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = connector(&handle, dir.path(), &eos_sink_toml(&brokers, &prefix));
+
+    let mut crashing = Observed::new(KafkaSink::new(kafka_config(&config)).unwrap());
+    crashing.crash_after = Some(("users", 3));
+    let err = run_with(&config, Arc::new(crashing)).await.unwrap_err();
+    assert!(err.to_string().contains("simulated crash"), "{err}");
+    assert_eq!(
+        committed_seq(dir.path(), "users"),
+        Some(2),
+        "the store missed batch 3"
+    );
+
+    // A new process: rolls forward to batch 3 and reads on from its link:
+    // pages 4 and 5 (of 20 users each), not page 3 again.
+    simulator.reset_stats();
+    graphdelta::runtime::run(
+        &config,
+        RunOptions {
+            once: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (users, groups) = assert_topics_match_truth(
+        &brokers,
+        &users_topic,
+        &groups_topic,
+        &simulator.truth(),
+        true,
+        "after the crash",
+    );
+    assert_no_duplicates(&users, "users after the crash");
+    assert_no_duplicates(&groups, "groups after the crash");
+    assert_eq!(users.len(), 100, "each user exactly once");
+    assert_eq!(
+        simulator.stats().objects_served,
+        40,
+        "the store was not rolled forward"
+    );
+
+    simulator.churn(&ChurnSpec::mixed(40));
+    graphdelta::runtime::run(
+        &config,
+        RunOptions {
+            once: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (users, _) = assert_topics_match_truth(
+        &brokers,
+        &users_topic,
+        &groups_topic,
+        &simulator.truth(),
+        true,
+        "after churn",
+    );
+    assert_no_duplicates(&users, "users after churn");
+    // The store and the checkpoint topic agree.
+    let sink = KafkaSink::new(kafka_config(&config)).unwrap();
+    let stored = sink.stored_checkpoint("users").await.unwrap().unwrap();
+    assert_eq!(
+        committed_seq(dir.path(), "users"),
+        Some(stored.checkpoint.batch_seq)
+    );
+    handle.shutdown().await;
+}
+
+/// A fenced producer stops its stream: the run ends with the fencing error
+/// and the stream's store keeps the last checkpoint committed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_stream_stops_the_run_without_committing() {
+    let prefix = rand_name("gd-mock-rtfence");
+    let (users_topic, groups_topic) = (format!("{prefix}.users"), format!("{prefix}.groups"));
+    let mock = cluster(
+        3,
+        &[
+            &users_topic,
+            &groups_topic,
+            &format!("{prefix}.checkpoints"),
+        ],
+    );
+    let brokers = mock.bootstrap_servers();
+    let (simulator, handle) = start_simulator(SimConfig {
+        users: 60,
+        groups: 3,
+        members_per_group: 3,
+        page_size: 20,
+        seed: 9,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = connector(&handle, dir.path(), &eos_sink_toml(&brokers, &prefix));
+    graphdelta::runtime::run(
+        &config,
+        RunOptions {
+            once: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let before = (
+        committed_seq(dir.path(), "users"),
+        committed_seq(dir.path(), "groups"),
+    );
+
+    simulator.churn(&ChurnSpec::mixed(20));
+    // What a broker answers a producer whose transactional id was taken
+    // over by another instance (the mock never fences by itself).
+    mock.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    let started = Instant::now();
+    let err = graphdelta::runtime::run(
+        &config,
+        RunOptions {
+            once: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    let message = err.to_string();
+    assert!(message.contains("fenced"), "{message}");
+    assert!(
+        message.contains("another graphdelta instance took over"),
+        "{message}"
+    );
+    let fenced = if message.contains("stream `users`") {
+        "users"
+    } else {
+        "groups"
+    };
+    let was = if fenced == "users" {
+        before.0
+    } else {
+        before.1
+    };
+    assert_eq!(
+        committed_seq(dir.path(), fenced),
+        was,
+        "the fenced batch was committed"
+    );
+    handle.shutdown().await;
+}

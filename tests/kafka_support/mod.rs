@@ -219,3 +219,287 @@ pub fn read_topic(brokers: &str, topic: &str, read_committed: bool) -> Vec<Recei
     out.sort_by_key(|r| (r.partition, r.offset));
     out
 }
+
+// ---- The connector end to end: the Graph simulator, a connector file, and
+// ---- the topics folded back into the simulator's ground truth.
+
+use std::{collections::BTreeSet, path::Path};
+
+use graphdelta::{
+    checkpoint::Store,
+    config::Config,
+    replay::{Materializer, ObjectStatus},
+    simulator::{GroundTruth, ObjectState, SimConfig, SimHandle, Simulator, TruthObject},
+};
+use prost::Message as _;
+use serde_json::{Map, Value};
+
+/// The variable the connector files name for the client secret (the same
+/// one `tests/common` uses, with the same value).
+pub const SECRET_ENV: &str = "GRAPHDELTA_TEST_CLIENT_SECRET";
+
+pub fn set_secret() {
+    // SAFETY: every test sets the same value; nothing can observe a torn
+    // write.
+    unsafe { std::env::set_var(SECRET_ENV, "simulator-secret") };
+}
+
+/// Properties the streams select (and the truth is compared on).
+pub const USER_SELECT: &[&str] = &[
+    "displayName",
+    "givenName",
+    "surname",
+    "jobTitle",
+    "department",
+    "accountEnabled",
+];
+pub const GROUP_SELECT: &[&str] = &["displayName", "description", "members"];
+
+/// A simulated tenant served on a free loopback port.
+pub async fn start_simulator(cfg: SimConfig) -> (Simulator, SimHandle) {
+    let simulator = Simulator::new(cfg);
+    let handle = simulator
+        .clone()
+        .spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("simulator listens");
+    (simulator, handle)
+}
+
+/// A connector file: streams `users` and `groups` of the simulator, the
+/// given `[sink]` table, the store under `dir/state`.
+pub fn connector_toml(handle: &SimHandle, dir: &Path, sink: &str) -> String {
+    set_secret();
+    let list = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        r#"
+[graph]
+base_url = "{base}"
+token_url = "{token}"
+tenant_id = "contoso.onmicrosoft.com"
+client_id = "graphdelta-simulator"
+client_secret_env = "{SECRET_ENV}"
+
+[[streams]]
+name = "users"
+resource = "users"
+select = [{users}]
+poll_interval = "1s"
+
+[[streams]]
+name = "groups"
+resource = "groups"
+select = [{groups}]
+poll_interval = "1s"
+
+{sink}
+
+[checkpoint]
+path = "{state}"
+
+[runtime]
+retry_min = "10ms"
+retry_max = "100ms"
+"#,
+        base = handle.base_url(),
+        token = handle.token_url(),
+        users = list(USER_SELECT),
+        groups = list(GROUP_SELECT),
+        state = dir.join("state").display(),
+    )
+}
+
+pub fn connector(handle: &SimHandle, dir: &Path, sink: &str) -> Config {
+    let text = connector_toml(handle, dir, sink);
+    Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+/// The committed checkpoint of `stream` in the embedded store.
+pub fn committed_seq(dir: &Path, stream: &str) -> Option<u64> {
+    Store::open_read_only(&dir.join("state"), stream)
+        .expect("store opens")
+        .and_then(|s| s.load_checkpoint().expect("checkpoint loads"))
+        .map(|c| c.batch_seq)
+}
+
+/// The events of a topic's records (tombstones skipped), in the order read.
+pub fn decode_events(records: &[Received]) -> Vec<ChangeEvent> {
+    records
+        .iter()
+        .filter_map(|r| r.value.as_deref())
+        .map(|v| ChangeEvent::decode(v).expect("a graphdelta.v1.ChangeEvent"))
+        .collect()
+}
+
+/// Folds events into state. Records come partition by partition; one
+/// object's events are all in one partition, in order.
+pub fn fold(events: &[ChangeEvent]) -> Materializer {
+    let mut m = Materializer::new();
+    for e in events {
+        m.apply(e);
+    }
+    m
+}
+
+fn non_null(map: &Map<String, Value>, keep: &[&str]) -> Map<String, Value> {
+    map.iter()
+        .filter(|(k, v)| !v.is_null() && keep.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The differences between the folded events and the truth.
+pub fn compare(
+    label: &str,
+    m: &Materializer,
+    truth: &[TruthObject],
+    select: &[&str],
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let want: BTreeSet<&str> = truth.iter().map(|o| o.id.as_str()).collect();
+    let have: BTreeSet<&str> = m.objects().map(|(id, _)| id.as_str()).collect();
+    for id in want.difference(&have) {
+        diffs.push(format!("{label}: missing {id}"));
+    }
+    for id in have.difference(&want) {
+        diffs.push(format!("{label}: extra {id}"));
+    }
+    for t in truth {
+        let Some(o) = m.get(&t.id) else { continue };
+        let status = match t.state {
+            ObjectState::Live => ObjectStatus::Live,
+            ObjectState::SoftDeleted => ObjectStatus::SoftDeleted,
+        };
+        if o.status != status {
+            diffs.push(format!(
+                "{label}: {} is {:?}, truth {:?}",
+                t.id, o.status, status
+            ));
+            continue;
+        }
+        if status != ObjectStatus::Live {
+            continue;
+        }
+        let want_props = non_null(&t.properties, select);
+        if o.properties != want_props {
+            diffs.push(format!(
+                "{label}: {} properties {:?} != truth {:?}",
+                t.id, o.properties, want_props
+            ));
+        }
+        if let Some(members) = &t.members {
+            let want: BTreeSet<String> = members.iter().cloned().collect();
+            let have = o.members.get("members").cloned().unwrap_or_default();
+            if want != have {
+                diffs.push(format!("{label}: {} members differ", t.id));
+            }
+        }
+    }
+    diffs
+}
+
+/// Reads both streams' topics and checks they fold into the truth; returns
+/// the records of each (users, groups).
+pub fn assert_topics_match_truth(
+    brokers: &str,
+    users_topic: &str,
+    groups_topic: &str,
+    truth: &GroundTruth,
+    read_committed: bool,
+    label: &str,
+) -> (Vec<Received>, Vec<Received>) {
+    let users = read_topic(brokers, users_topic, read_committed);
+    let groups = read_topic(brokers, groups_topic, read_committed);
+    let mut diffs = compare(
+        &format!("{label} users"),
+        &fold(&decode_events(&users)),
+        &truth.users,
+        USER_SELECT,
+    );
+    diffs.extend(compare(
+        &format!("{label} groups"),
+        &fold(&decode_events(&groups)),
+        &truth.groups,
+        GROUP_SELECT,
+    ));
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+    (users, groups)
+}
+
+/// Every event id appears once.
+pub fn assert_no_duplicates(records: &[Received], label: &str) {
+    let mut ids: Vec<String> = decode_events(records)
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        n,
+        "{label}: {} duplicate event ids",
+        n - ids.len()
+    );
+}
+
+/// Per key: one partition, versions strictly increasing in offset order,
+/// and a tombstone right after every hard delete (and only there).
+pub fn assert_keyed_order_and_tombstones(records: &[Received], label: &str) {
+    let mut per_key: HashMap<&str, Vec<&Received>> = HashMap::new();
+    for r in records {
+        per_key
+            .entry(r.key.as_deref().expect("every record has a key"))
+            .or_default()
+            .push(r);
+    }
+    for (key, rs) in per_key {
+        assert!(
+            rs.iter().all(|r| r.partition == rs[0].partition),
+            "{label}: {key} spans partitions"
+        );
+        let mut last_version = 0;
+        for (i, r) in rs.iter().enumerate() {
+            match &r.value {
+                Some(v) => {
+                    let e = ChangeEvent::decode(v.as_slice()).unwrap();
+                    assert_eq!(e.object_id, key, "{label}: key is the object id");
+                    assert!(
+                        e.object_version > last_version,
+                        "{label}: {key} out of order"
+                    );
+                    last_version = e.object_version;
+                    if e.change_type() == graphdelta::proto::v1::ChangeType::HardDeleted {
+                        let next = rs.get(i + 1).unwrap_or_else(|| {
+                            panic!("{label}: no tombstone after {key}'s hard delete")
+                        });
+                        assert!(
+                            next.value.is_none(),
+                            "{label}: {key}: the record after a hard delete is not a tombstone"
+                        );
+                    }
+                }
+                None => {
+                    let prev = i.checked_sub(1).and_then(|p| rs[p].value.as_ref());
+                    let prev =
+                        prev.map(|v| ChangeEvent::decode(v.as_slice()).unwrap().change_type());
+                    assert_eq!(
+                        prev,
+                        Some(graphdelta::proto::v1::ChangeType::HardDeleted),
+                        "{label}: a tombstone of {key} that follows no hard delete"
+                    );
+                }
+            }
+        }
+    }
+}
