@@ -9,7 +9,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::logging::init(args.log_format, args.verbose);
+    // The demo prints its own report; only warnings (in text) unless asked.
+    let (format, quiet) = match args.command {
+        cli::Command::Demo(_) if args.log_format == cli::logging::LogFormat::Auto => {
+            (cli::logging::LogFormat::Text, args.verbose == 0)
+        }
+        _ => (args.log_format, false),
+    };
+    cli::logging::init(format, args.verbose, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("graphdelta")

@@ -17,8 +17,9 @@ pub enum LogFormat {
     Json,
 }
 
-pub fn init(format: LogFormat, verbose: u8) {
+pub fn init(format: LogFormat, verbose: u8, quiet: bool) {
     let default = match verbose {
+        0 if quiet => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",
@@ -45,7 +46,12 @@ pub fn init(format: LogFormat, verbose: u8) {
             .init();
     } else {
         registry
-            .with(fmt::layer().with_writer(AboveBars).with_target(false))
+            .with(
+                fmt::layer()
+                    .with_writer(AboveBars)
+                    .with_target(false)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
             .init();
     }
 }

@@ -193,7 +193,8 @@ impl StreamRunner {
     /// Polls until shutdown (or, with `once`, until caught up). Retriable
     /// failures are retried with backoff in service mode; with `once` the
     /// first failure is returned.
-    #[tracing::instrument(name = "stream", skip_all, fields(stream = %self.resolved.stream.name))]
+    // ERROR level: the span (and its stream name) must survive any log filter.
+    #[tracing::instrument(name = "stream", level = "error", skip_all, fields(stream = %self.resolved.stream.name))]
     pub async fn run(mut self, once: bool) -> Result<Outcome, StreamError> {
         let policy = Policy::new(self.runtime.retry_min, self.runtime.retry_max, None);
         let mut failures = 0u32;
