@@ -63,7 +63,10 @@
 //! fails the batch as retriable within half a minute, the runtime backs off
 //! (`runtime.retry_min`..`retry_max`) and publishes it again. The startup
 //! check fetches the cluster metadata with `startup_timeout` (10 s) and
-//! names the brokers when they do not answer. With `exactly_once`,
+//! names the brokers when they do not answer. librdkafka notices expired
+//! records while it waits to reconnect, which it backs off up to
+//! `reconnect.backoff.max.ms` (10 s), so a batch may take that much longer
+//! to fail. With `exactly_once`,
 //! `transaction_timeout` (60 s) bounds how long a transaction left open by a
 //! killed process holds `read_committed` consumers back (the next instance
 //! aborts it at once when it starts).
@@ -87,6 +90,9 @@
 //! with another policy): a deleting topic would forget a stream's position
 //! one retention period after its last batch. Keep one checkpoint topic per
 //! connector (records are keyed by stream name), or distinct stream names.
+//! `graphdelta reset` clears only the embedded store; in exactly-once mode
+//! the stream's checkpoint record would roll it forward again, so also
+//! write a tombstone for its key (or use a new checkpoint topic).
 
 pub mod admin;
 pub mod config;
