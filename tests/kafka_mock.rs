@@ -328,6 +328,50 @@ async fn exactly_once_commits_events_and_checkpoint_together_and_reads_the_check
     assert_eq!(event_ids(&read_topic(&brokers, &topic, true)).len(), 5);
 }
 
+/// A page's memory changes can exceed librdkafka's default 1 MB record
+/// limit (999 objects with many tracked properties, large membership
+/// slices); the checkpoint record still goes through and comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_record_above_one_megabyte_is_written_and_read_back() {
+    let topic = rand_name("gd-mock-bigcp");
+    let checkpoints = rand_name("gd-mock-bigcp-cp");
+    let prefix = rand_name("gd-mock-bigcp-tx") + "-";
+    let mock = cluster(3, &[&topic, &checkpoints]);
+    let brokers = mock.bootstrap_servers();
+    let sink = KafkaSink::new(&eos_config(&brokers, &topic, &checkpoints, &prefix)).unwrap();
+    let mut writes = StateWrites::default();
+    for i in 0..3000u64 {
+        writes.objects.insert(
+            format!("{:036}", i),
+            Some(ObjectState {
+                version: i,
+                property_hashes: (0..60).map(|h| h * 7919 + i).collect(),
+                ..Default::default()
+            }),
+        );
+    }
+    publish(&sink, "users", 1, &events("users", &["a"], 1), &writes)
+        .await
+        .unwrap();
+    let cp_bytes: usize = read_topic(&brokers, &checkpoints, true)
+        .iter()
+        .map(|r| r.value.as_ref().map_or(0, Vec::len))
+        .sum();
+    assert!(cp_bytes > 1_000_000, "the record is {cp_bytes} bytes");
+
+    let restarted = KafkaSink::new(&eos_config(&brokers, &topic, &checkpoints, &prefix)).unwrap();
+    let stored = restarted.stored_checkpoint("users").await.unwrap().unwrap();
+    assert_eq!(stored.writes.objects.len(), 3000);
+    assert_eq!(
+        stored.writes.objects[&format!("{:036}", 42)]
+            .as_ref()
+            .unwrap()
+            .property_hashes
+            .len(),
+        60
+    );
+}
+
 /// A failed transaction is aborted and reported retriable; a later batch is
 /// refused until the failed one is committed; then both go through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,14 @@
 //!   [`Admin::ensure_checkpoint_topic`] creates the exactly-once checkpoint
 //!   topic compacted and refuses one that is not.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
@@ -27,6 +34,9 @@ pub struct Admin {
     config: Arc<KafkaSinkConfig>,
     /// Topics known to exist (created by us or found in the metadata).
     ensured: tokio::sync::Mutex<HashSet<String>>,
+    /// The first successful check is logged at INFO; readiness probes
+    /// repeat it.
+    announced: AtomicBool,
 }
 
 impl Admin {
@@ -47,6 +57,7 @@ impl Admin {
             client: Arc::new(client),
             config,
             ensured: Default::default(),
+            announced: AtomicBool::new(false),
         })
     }
 
@@ -63,11 +74,13 @@ impl Admin {
         let timeout = self.config.startup_timeout;
         match self.metadata(timeout).await {
             Ok(md) => {
-                tracing::info!(
-                    brokers = md.brokers().len(),
-                    topics = md.topics().len(),
-                    "Kafka cluster reachable."
-                );
+                if !self.announced.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        brokers = md.brokers().len(),
+                        topics = md.topics().len(),
+                        "Kafka cluster reachable."
+                    );
+                }
                 Ok(())
             }
             Err(e) => Err(self.unreachable(&e, timeout)),
@@ -137,7 +150,10 @@ impl Admin {
         let config = vec![
             ("cleanup.policy".to_string(), "compact".to_string()),
             // Room for a page's memory changes (the record carries them).
-            ("max.message.bytes".to_string(), "16777216".to_string()),
+            (
+                "max.message.bytes".to_string(),
+                (16 * 1024 * 1024).to_string(),
+            ),
         ];
         for t in self.create_missing(&[&topic], Some(1), &config).await? {
             tracing::info!(topic = %t, "Created the compacted checkpoint topic.");

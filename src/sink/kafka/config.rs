@@ -266,6 +266,10 @@ const SECRET_KEYS: &[&str] = &[
     "ssl_key",
 ];
 
+/// The largest checkpoint record the sink can write (the checkpoint topic's
+/// `max.message.bytes`, plus room for the request around it).
+pub const CHECKPOINT_MAX_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+
 /// The longest legal Kafka topic name.
 const MAX_TOPIC_LEN: usize = 249;
 
@@ -427,6 +431,10 @@ impl KafkaSinkConfig {
                 "transaction.timeout.ms",
                 self.transaction_timeout.as_millis().to_string(),
             );
+            // A checkpoint record carries a page's memory changes: allow
+            // what the checkpoint topic is created to accept (16 MiB) plus
+            // the request overhead. Event topics keep their own limit.
+            c.set("message.max.bytes", CHECKPOINT_MAX_BYTES.to_string());
         }
         // The operator's properties win over the defaults above (the
         // guarantee-bearing ones are refused by `validate`).
