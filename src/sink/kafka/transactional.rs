@@ -26,12 +26,13 @@
 //! batch starts where the last committed transaction ended.
 //!
 //! # Order and gaps
-//! The runtime may have several batches of a stream in flight. A batch is
-//! only committed right after the previous one: if batch *n* failed,
-//! batch *n+1* is refused (retriable) and the runtime publishes both again,
-//! in order. A batch at or below the stored checkpoint is acknowledged
-//! without sending: its transaction already committed (for example when a
-//! commit's outcome was unknown and the producer had to be replaced).
+//! The runtime may have several batches of a stream in flight; they reach
+//! the stream's mutex in order. Once a batch was tried, only it may commit
+//! next: if batch *n* failed, batch *n+1* is refused (retriable) and the
+//! runtime publishes both again, in order. A batch at or below the stored
+//! checkpoint is acknowledged without sending: its transaction already
+//! committed (a commit whose outcome was unknown: the producer is replaced,
+//! which settles the transaction, and the checkpoint read back tells).
 //!
 //! # Fencing
 //! A second process with the same transactional id fences this one: the
@@ -53,6 +54,7 @@ use rdkafka::{
     error::KafkaError,
     producer::Producer,
 };
+use tracing::Instrument as _;
 
 use super::{
     admin::Admin,
@@ -69,6 +71,20 @@ use crate::{
 
 /// The exactly-once side of the sink.
 pub struct ExactlyOnce {
+    inner: Arc<Inner>,
+}
+
+/// One batch, owned, for the task that publishes it.
+struct Job {
+    stream: String,
+    seq: u64,
+    /// The events' records and, last, the checkpoint record.
+    records: Vec<Record>,
+    /// What the stream's stored checkpoint becomes once committed.
+    stored: StoredCheckpoint,
+}
+
+struct Inner {
     config: Arc<KafkaSinkConfig>,
     admin: Arc<Admin>,
     checkpoint_topic: Arc<str>,
@@ -85,7 +101,10 @@ struct TxnStream {
     /// The newest committed checkpoint: `None` until read back after the
     /// producer was initialized; `Some(None)`: the topic has none.
     committed: Option<Option<StoredCheckpoint>>,
-    /// The batch that must come next, once this process committed one.
+    /// The batch that must be committed next, once known: set by the first
+    /// batch this process tried (committed or not) and kept across producer
+    /// replacements, so that after a failure no later batch can be
+    /// committed before it.
     next_seq: Option<u64>,
     /// Set once fenced: every later call fails the same way.
     fenced: Option<String>,
@@ -122,6 +141,15 @@ impl TxnStream {
         SinkError::Fenced(message)
     }
 
+    /// Drops the producer; the next batch initializes a new one (which
+    /// completes or aborts this one's open transaction) and reads the
+    /// committed checkpoint back. `next_seq` stays: the batch it names
+    /// must still come first.
+    fn replace_producer(&mut self) {
+        self.producer = None;
+        self.committed = None;
+    }
+
     /// Turns a failure into the runtime's error, dropping the producer when
     /// it is unusable.
     fn fail(&mut self, failure: Failure, seq: Option<u64>) -> SinkError {
@@ -130,9 +158,7 @@ impl TxnStream {
             Class::Fatal => {
                 // A new producer (init_transactions) settles whatever this
                 // one left open; what was committed is read back then.
-                self.producer = None;
-                self.committed = None;
-                self.next_seq = None;
+                self.replace_producer();
                 failure.into_sink_error(&self.context(seq))
             }
             _ => failure.into_sink_error(&self.context(seq)),
@@ -144,13 +170,71 @@ impl ExactlyOnce {
     pub fn new(config: Arc<KafkaSinkConfig>, admin: Arc<Admin>) -> Self {
         let checkpoint_topic = Arc::from(config.checkpoint_topic.as_str());
         Self {
-            config,
-            admin,
-            checkpoint_topic,
-            streams: Default::default(),
+            inner: Arc::new(Inner {
+                config,
+                admin,
+                checkpoint_topic,
+                streams: Default::default(),
+            }),
         }
     }
 
+    /// Startup check: the checkpoint topic exists and is compacted.
+    pub async fn check(&self) -> Result<(), SinkError> {
+        self.inner.admin.ensure_checkpoint_topic().await
+    }
+
+    /// The stream's last committed checkpoint (fencing any previous
+    /// instance first).
+    pub async fn stored_checkpoint(
+        &self,
+        stream: &str,
+    ) -> Result<Option<StoredCheckpoint>, SinkError> {
+        let lock = self.inner.stream(stream);
+        let mut st = lock.lock().await;
+        let _producer = self.inner.ready(&mut st).await?;
+        Ok(st.committed.clone().flatten())
+    }
+
+    /// Publishes one batch in one transaction.
+    ///
+    /// The work runs in its own task: a caller that stops waiting (the
+    /// runtime dropping an in-flight publish) must not leave a transaction
+    /// half done with the stream's state not knowing how it ended.
+    pub async fn publish(
+        &self,
+        batch: &OutBatch<'_>,
+        mut records: Vec<Record>,
+    ) -> Result<(), SinkError> {
+        records.push(checkpoint_record(&self.inner.checkpoint_topic, batch));
+        let job = Job {
+            stream: batch.stream.to_string(),
+            seq: batch.seq,
+            records,
+            stored: StoredCheckpoint {
+                checkpoint: batch.checkpoint.clone(),
+                writes: batch.writes.clone(),
+            },
+        };
+        let inner = self.inner.clone();
+        let task = async move { inner.publish(job).await };
+        tokio::spawn(task.instrument(tracing::Span::current()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(SinkError::Retriable(format!(
+                    "kafka: stream `{}`, batch {}: the publishing task failed: {e}",
+                    batch.stream, batch.seq
+                )))
+            })
+    }
+
+    /// Waits for outstanding records of every producer.
+    pub async fn flush(&self, timeout: Duration) {
+        self.inner.flush(timeout).await
+    }
+}
+
+impl Inner {
     fn stream(&self, name: &str) -> Arc<tokio::sync::Mutex<TxnStream>> {
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         streams
@@ -166,23 +250,6 @@ impl ExactlyOnce {
                 }))
             })
             .clone()
-    }
-
-    /// Startup check: the checkpoint topic exists and is compacted.
-    pub async fn check(&self) -> Result<(), SinkError> {
-        self.admin.ensure_checkpoint_topic().await
-    }
-
-    /// The stream's last committed checkpoint (fencing any previous
-    /// instance first).
-    pub async fn stored_checkpoint(
-        &self,
-        stream: &str,
-    ) -> Result<Option<StoredCheckpoint>, SinkError> {
-        let lock = self.stream(stream);
-        let mut st = lock.lock().await;
-        let _producer = self.ready(&mut st).await?;
-        Ok(st.committed.clone().flatten())
     }
 
     /// Initializes the producer and reads the committed checkpoint back, as
@@ -240,55 +307,60 @@ impl ExactlyOnce {
                 batch = stored.as_ref().map(|s| s.checkpoint.batch_seq),
                 "Read the stream's checkpoint from the checkpoint topic."
             );
+            // The batch this process was waiting for may have committed
+            // after all (a commit whose outcome was unknown).
+            let committed = stored.as_ref().map_or(0, |s| s.checkpoint.batch_seq);
+            if let Some(next) = st.next_seq
+                && next <= committed
+            {
+                st.next_seq = Some(committed + 1);
+            }
             st.committed = Some(stored);
-            st.next_seq = None;
         }
         Ok(producer)
     }
 
-    /// Publishes one batch in one transaction.
-    pub async fn publish(
-        &self,
-        batch: &OutBatch<'_>,
-        records: Vec<Record>,
-    ) -> Result<(), SinkError> {
-        let lock = self.stream(batch.stream);
+    async fn publish(&self, job: Job) -> Result<(), SinkError> {
+        let Job {
+            stream,
+            seq,
+            records,
+            stored,
+        } = job;
+        let lock = self.stream(&stream);
         let mut st = lock.lock().await;
         let producer = self.ready(&mut st).await?;
         let committed = st.committed_seq();
-        if batch.seq <= committed {
-            tracing::debug!(stream = %st.name, batch = batch.seq, committed, "Batch already committed by an earlier transaction; not sent again.");
+        if seq <= committed {
+            tracing::debug!(stream = %st.name, batch = seq, committed, "Batch already committed by an earlier transaction; not sent again.");
             return Ok(());
         }
         if let Some(next) = st.next_seq
-            && batch.seq != next
+            && seq != next
         {
             return Err(SinkError::Retriable(format!(
                 "{}: batch {next} must be committed first (it failed and is being published again)",
-                st.context(Some(batch.seq))
+                st.context(Some(seq))
             )));
         }
-        let mut records = records;
-        records.push(checkpoint_record(&self.checkpoint_topic, batch));
+        // From here on nothing after this batch may commit before it.
+        st.next_seq = Some(seq);
 
         if let Err(e) = producer.begin_transaction() {
             let failure = with_fatal_state(
                 &producer,
                 Failure::from_txn(&e, "begin_transaction", &self.checkpoint_topic),
             );
-            return Err(st.fail(failure, Some(batch.seq)));
+            return Err(st.fail(failure, Some(seq)));
         }
         if let Err(failure) = produce_all(&producer, &records, || {}).await {
             let failure = with_fatal_state(&producer, failure);
-            return Err(self.abort(&mut st, &producer, failure, batch.seq).await);
+            return Err(self.abort(&mut st, &producer, failure, seq).await);
         }
         match self.commit(&producer).await {
             Ok(()) => {
-                st.committed = Some(Some(StoredCheckpoint {
-                    checkpoint: batch.checkpoint.clone(),
-                    writes: batch.writes.clone(),
-                }));
-                st.next_seq = Some(batch.seq + 1);
+                st.committed = Some(Some(stored));
+                st.next_seq = Some(seq + 1);
                 Ok(())
             }
             Err(e) => {
@@ -298,18 +370,15 @@ impl ExactlyOnce {
                 );
                 let abortable = matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
                 if abortable {
-                    Err(self.abort(&mut st, &producer, failure, batch.seq).await)
+                    Err(self.abort(&mut st, &producer, failure, seq).await)
                 } else {
                     // Outcome unknown (retries exhausted) or the producer is
                     // dead: a new producer settles the transaction and the
                     // checkpoint read back tells whether it committed.
-                    let seq = Some(batch.seq);
                     let class = failure.class;
-                    let error = st.fail(failure, seq);
+                    let error = st.fail(failure, Some(seq));
                     if class != Class::Fenced {
-                        st.producer = None;
-                        st.committed = None;
-                        st.next_seq = None;
+                        st.replace_producer();
                     }
                     Err(error)
                 }
@@ -363,17 +432,14 @@ impl ExactlyOnce {
             if abort_failure.class == Class::Fenced {
                 return st.fenced_error(&abort_failure.message);
             }
-            st.producer = None;
-            st.committed = None;
-            st.next_seq = None;
+            st.replace_producer();
         } else {
             tracing::debug!(stream = %st.name, batch = seq, "Transaction aborted.");
         }
         failure.into_sink_error(&st.context(Some(seq)))
     }
 
-    /// Waits for outstanding records of every producer.
-    pub async fn flush(&self, timeout: Duration) {
+    async fn flush(&self, timeout: Duration) {
         let producers: Vec<SinkProducer> = {
             let streams: Vec<_> = self
                 .streams
