@@ -19,6 +19,14 @@
 //!
 //! A crash at any instant therefore resumes from a link whose every earlier
 //! event is acknowledged, with the memory that matches it.
+//!
+//! # Sinks that store checkpoints
+//! A transactional sink (Kafka exactly-once) commits each batch's
+//! checkpoint and memory changes itself, before the embedded store does; on
+//! start the store is rolled forward from the sink's last checkpoint. That
+//! record holds only its own batch's memory changes, so the sink may never
+//! be more than one batch ahead of the store: for such sinks one batch is
+//! in flight at a time (their transactions are sequential anyway).
 
 use std::{sync::Arc, time::Duration};
 
@@ -446,6 +454,12 @@ impl StreamRunner {
         let _abort_guard = AbortOnDrop(fetcher);
 
         let mut overlay = Overlay::default();
+        // See "Sinks that store checkpoints" above.
+        let max_in_flight = if self.sink.stores_checkpoints() {
+            1
+        } else {
+            self.runtime.max_in_flight_batches
+        };
         let mut in_flight: FuturesOrdered<Publishing> = FuturesOrdered::new();
         let mut next = self.committed.clone();
         let mut fetch_done = false;
@@ -458,7 +472,7 @@ impl StreamRunner {
             if fetch_done && in_flight.is_empty() {
                 break;
             }
-            let can_take = !fetch_done && in_flight.len() < self.runtime.max_in_flight_batches;
+            let can_take = !fetch_done && in_flight.len() < max_in_flight;
             tokio::select! {
                 biased;
                 Some((batch, result, took)) = in_flight.next(), if !in_flight.is_empty() => {
