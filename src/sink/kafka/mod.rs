@@ -46,7 +46,9 @@
 //!   `sink.checkpoint_topic` in one transaction ([`transactional`]). A
 //!   `read_committed` consumer sees every event exactly once across crashes
 //!   and restarts; a second instance with the same transactional id fences
-//!   the first, which stops the stream without committing. Needs Kafka 2.5+
+//!   the first, which stops the stream without committing. The runtime
+//!   keeps one batch of such a stream in flight (the roll-forward needs the
+//!   sink at most one batch ahead of the embedded store). Needs Kafka 2.5+
 //!   (or a compatible broker with transactions) and, on clusters with fewer
 //!   than three brokers, `transaction.state.log.replication.factor` and
 //!   `transaction.state.log.min.isr` lowered on the brokers.
