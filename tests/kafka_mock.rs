@@ -766,7 +766,7 @@ async fn exactly_once_rolls_the_store_forward_after_a_crash_between_the_two_comm
 
     // With the store watched: never more than one batch behind the sink
     // (the checkpoint record carries one batch's memory changes).
-    simulator.churn(&ChurnSpec::mixed(40));
+    simulator.churn(&ChurnSpec::mixed(150));
     let mut watched = Observed::new(KafkaSink::new(kafka_config(&config)).unwrap());
     watched.store = Some(dir.path().to_path_buf());
     let watched = Arc::new(watched);

@@ -293,6 +293,12 @@ pub struct RuntimeConfig {
     /// are still committed strictly in order.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_batches: usize,
+    /// Acknowledged batches are committed together at least this often (and
+    /// at the end of every round). Longer: fewer checkpoint writes; a crash
+    /// re-reads (and re-publishes, with the same event ids) at most this
+    /// much. `0s` commits every batch on its own.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
     /// First delay after a failed round or publish; doubles up to `retry_max`.
     #[serde(default = "default_retry_min", with = "humantime_serde")]
     pub retry_min: Duration,
@@ -309,7 +315,10 @@ const fn default_prefetch_pages() -> usize {
     2
 }
 const fn default_max_in_flight() -> usize {
-    4
+    16
+}
+const fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(1)
 }
 const fn default_retry_min() -> Duration {
     Duration::from_millis(500)
@@ -326,6 +335,7 @@ impl Default for RuntimeConfig {
         Self {
             prefetch_pages: default_prefetch_pages(),
             max_in_flight_batches: default_max_in_flight(),
+            checkpoint_interval: default_checkpoint_interval(),
             retry_min: default_retry_min(),
             retry_max: default_retry_max(),
             drain_timeout: default_drain_timeout(),

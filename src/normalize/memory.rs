@@ -56,6 +56,17 @@ impl StateWrites {
         self.objects.is_empty() && self.forgotten_groups.is_empty() && self.members.is_empty()
     }
 
+    /// Folds the writes of a later batch into these, so that committing the
+    /// result equals committing both in order.
+    pub fn merge(&mut self, later: StateWrites) {
+        for group in &later.forgotten_groups {
+            self.members.retain(|k, _| &k.group != group);
+        }
+        self.forgotten_groups.extend(later.forgotten_groups);
+        self.members.extend(later.members);
+        self.objects.extend(later.objects);
+    }
+
     /// Forgets all of `group`'s memberships, including ones written earlier
     /// in this batch.
     pub fn forget_group(&mut self, group: &str) {
@@ -322,6 +333,42 @@ mod tests {
         assert_eq!(s.property_hashes, vec![1, 10, 5, 55, 9, 90]);
         s.set_property_hash(7, None);
         assert_eq!(s.property_count(), 3);
+    }
+
+    #[test]
+    fn merged_writes_commit_like_both_in_order() {
+        let key = |g: &str, m: &str| MemberKey {
+            group: g.into(),
+            relationship: "members".into(),
+            member: m.into(),
+        };
+        let row = |n| {
+            Some(MemberRow {
+                member_type: String::new(),
+                seen_round: n,
+            })
+        };
+        let mut a = StateWrites::default();
+        a.members.insert(key("g", "1"), row(1));
+        a.members.insert(key("h", "1"), row(1));
+        a.objects.insert("x".into(), Some(ObjectState::default()));
+        let mut b = StateWrites::default();
+        b.forget_group("g");
+        b.members.insert(key("g", "2"), row(2));
+        b.objects.insert("x".into(), None);
+        let (mut sequential, mut merged) = (MapMemory::default(), MapMemory::default());
+        sequential.members.insert(key("g", "0"), row(0).unwrap());
+        merged.members.insert(key("g", "0"), row(0).unwrap());
+        sequential.commit(&a);
+        sequential.commit(&b);
+        a.merge(b);
+        merged.commit(&a);
+        assert_eq!(sequential.members, merged.members);
+        assert_eq!(sequential.objects, merged.objects);
+        assert!(
+            merged.members.contains_key(&key("g", "2"))
+                && !merged.members.contains_key(&key("g", "1"))
+        );
     }
 
     #[test]

@@ -26,7 +26,9 @@
 //! start the store is rolled forward from the sink's last checkpoint. That
 //! record holds only its own batch's memory changes, so the sink may never
 //! be more than one batch ahead of the store: for such sinks one batch is
-//! in flight at a time (their transactions are sequential anyway).
+//! in flight at a time and each is committed to the store as soon as it is
+//! acknowledged (no `checkpoint_interval` coalescing). Their transactions
+//! are sequential anyway.
 
 use std::{sync::Arc, time::Duration};
 
@@ -109,6 +111,23 @@ struct Batch {
     checkpoint: StreamCheckpoint,
     objects: u64,
 }
+
+/// Acknowledged batches waiting to be committed together.
+#[derive(Default)]
+struct Staged {
+    checkpoint: Option<StreamCheckpoint>,
+    writes: StateWrites,
+    last_seq: u64,
+    batches: u32,
+    /// When the oldest staged batch was acknowledged.
+    since: Option<Instant>,
+}
+
+/// Staged batches are committed at the latest after this many, or when
+/// they touch this many objects (memory stays bounded however fast pages
+/// arrive).
+const MAX_STAGED_BATCHES: u32 = 256;
+const MAX_STAGED_OBJECTS: usize = 20_000;
 
 type Publishing = BoxFuture<'static, (Arc<Batch>, Result<(), SinkError>, Duration)>;
 
@@ -454,12 +473,25 @@ impl StreamRunner {
         let _abort_guard = AbortOnDrop(fetcher);
 
         let mut overlay = Overlay::default();
-        // See "Sinks that store checkpoints" above.
-        let max_in_flight = if self.sink.stores_checkpoints() {
-            1
-        } else {
-            self.runtime.max_in_flight_batches
-        };
+        let mut staged = Staged::default();
+        let outcome = self
+            .pages_loop(&mut rx, &stop_fetching, snapshot, &mut overlay, &mut staged)
+            .await;
+        // Whatever ended the loop, what was acknowledged gets committed.
+        let flushed = self.flush(&mut staged, &mut overlay);
+        let end = outcome?;
+        flushed?;
+        Ok(end)
+    }
+
+    async fn pages_loop(
+        &mut self,
+        rx: &mut mpsc::Receiver<Fetched>,
+        stop_fetching: &CancellationToken,
+        snapshot: bool,
+        overlay: &mut Overlay,
+        staged: &mut Staged,
+    ) -> Result<PagesEnd, StreamError> {
         let mut in_flight: FuturesOrdered<Publishing> = FuturesOrdered::new();
         let mut next = self.committed.clone();
         let mut fetch_done = false;
@@ -467,19 +499,35 @@ impl StreamRunner {
         let mut drain_deadline = None;
         let mut end = PagesEnd::DeltaReached;
         let mut failure: Option<StreamError> = None;
+        // See "Sinks that store checkpoints" above.
+        let (max_in_flight, interval) = if self.sink.stores_checkpoints() {
+            (1, Duration::ZERO)
+        } else {
+            (
+                self.runtime.max_in_flight_batches,
+                self.runtime.checkpoint_interval,
+            )
+        };
 
         loop {
             if fetch_done && in_flight.is_empty() {
                 break;
             }
             let can_take = !fetch_done && in_flight.len() < max_in_flight;
+            let commit_due = staged.since.map(|t| t + interval);
             tokio::select! {
                 biased;
                 Some((batch, result, took)) = in_flight.next(), if !in_flight.is_empty() => {
                     match result {
                         Ok(()) => {
                             metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.kind()).record(took.as_secs_f64());
-                            self.commit_batch(&batch, &mut overlay)?;
+                            self.stage(staged, batch);
+                            if staged.batches >= MAX_STAGED_BATCHES
+                                || staged.writes.objects.len() >= MAX_STAGED_OBJECTS
+                                || interval.is_zero()
+                            {
+                                self.flush(staged, overlay)?;
+                            }
                         }
                         Err(e) if e.is_retriable() && !stopping => {
                             metrics::counter!(m::SINK_ERRORS, "sink" => self.sink.kind(), "outcome" => "retriable").increment(1);
@@ -492,8 +540,9 @@ impl StreamRunner {
                                 if !self.publish_until_acked(&b).await? {
                                     return Ok(PagesEnd::Stopped);
                                 }
-                                self.commit_batch(&b, &mut overlay)?;
+                                self.stage(staged, b);
                             }
+                            self.flush(staged, overlay)?;
                         }
                         Err(e) => {
                             let outcome = match &e { SinkError::Fenced(_) => "fenced", SinkError::Retriable(_) => "retriable", SinkError::Permanent(_) => "permanent" };
@@ -505,11 +554,14 @@ impl StreamRunner {
                         }
                     }
                 }
+                _ = sleep_until_opt(commit_due) => {
+                    self.flush(staged, overlay)?;
+                }
                 fetched = rx.recv(), if can_take => {
                     match fetched {
                         Some(Fetched::Page(page)) => {
                             let is_delta = page.link.is_delta();
-                            let batch = self.normalize(page, &mut next, &mut overlay, snapshot)?;
+                            let batch = self.normalize(page, &mut next, overlay, snapshot)?;
                             in_flight.push_back(self.publish_future(batch));
                             if is_delta {
                                 fetch_done = true;
@@ -639,11 +691,8 @@ impl StreamRunner {
         }
     }
 
-    /// Commits an acknowledged batch: checkpoint and memory in one
-    /// transaction, then releases its overlay entries.
-    fn commit_batch(&mut self, batch: &Batch, overlay: &mut Overlay) -> Result<(), StreamError> {
-        self.commit_checkpoint(&batch.checkpoint, &batch.writes)?;
-        overlay.release(batch.seq);
+    /// Records an acknowledged batch for the next commit.
+    fn stage(&self, staged: &mut Staged, batch: Arc<Batch>) {
         let stream = self.name().to_string();
         metrics::counter!(m::PAGES, "stream" => stream.clone()).increment(1);
         let mut counts = [0u64; 6];
@@ -665,12 +714,45 @@ impl StreamRunner {
             s.round_objects += batch.objects;
             s.phase = super::status::phase_name(batch.checkpoint.phase()).to_string();
         });
-        tracing::debug!(
+        tracing::trace!(
             batch = batch.seq,
             events = batch.events.len(),
-            "Batch acknowledged and committed."
+            "Batch acknowledged."
         );
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| Batch {
+            seq: shared.seq,
+            events: Vec::new(),
+            writes: shared.writes.clone(),
+            checkpoint: shared.checkpoint.clone(),
+            objects: shared.objects,
+        });
+        staged.writes.merge(batch.writes);
+        staged.checkpoint = Some(batch.checkpoint);
+        staged.last_seq = batch.seq;
+        staged.batches += 1;
+        staged.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Commits every staged batch: the last checkpoint and the merged memory
+    /// changes in one transaction; then drops them from the overlay.
+    fn flush(&mut self, staged: &mut Staged, overlay: &mut Overlay) -> Result<(), StreamError> {
+        let Some(checkpoint) = staged.checkpoint.take() else {
+            return Ok(());
+        };
+        let writes = std::mem::take(&mut staged.writes);
+        let last_seq = staged.last_seq;
+        *staged = Staged::default();
+        self.commit_checkpoint(&checkpoint, &writes)?;
+        overlay.release(last_seq);
+        tracing::debug!(batch = last_seq, "Checkpoint committed.");
         Ok(())
+    }
+
+    /// Stages and commits one batch at once.
+    fn commit_batch(&mut self, batch: Batch, overlay: &mut Overlay) -> Result<(), StreamError> {
+        let mut staged = Staged::default();
+        self.stage(&mut staged, Arc::new(batch));
+        self.flush(&mut staged, overlay)
     }
 
     /// After a full round: memberships and objects the round did not return
@@ -727,20 +809,22 @@ impl StreamRunner {
             }
         }
         // Objects the round did not return.
+        let mut cursor = 0;
         loop {
             if self.shutdown.is_cancelled() {
                 return Ok(false);
             }
             let stale =
-                tokio::task::block_in_place(|| self.store().stale_objects(round, "", CHUNK))
+                tokio::task::block_in_place(|| self.store().stale_objects(round, cursor, CHUNK))
                     .map_err(|e| self.store_err(e))?;
-            if stale.is_empty() {
+            let Some((last, _, _)) = stale.last() else {
                 break;
-            }
+            };
+            cursor = *last;
             let round_ctx = RoundContext::now(round, true);
             let mut writes = StateWrites::default();
             let mut events = Vec::with_capacity(stale.len());
-            for (id, state) in stale {
+            for (_, id, state) in stale {
                 events.push(normalize::inferred_deletion(&ctx, &round_ctx, &id, &state));
                 writes.forget_group(&id);
                 writes
@@ -801,7 +885,7 @@ impl StreamRunner {
             return Ok(false);
         }
         let mut overlay = Overlay::default();
-        self.commit_batch(&batch, &mut overlay)?;
+        self.commit_batch(batch, &mut overlay)?;
         Ok(true)
     }
 }
