@@ -1,6 +1,7 @@
 //! Command-line glue: parse flags, load the connector file, call the library,
 //! print results. Errors here are `anyhow` with the library's message.
 
+pub mod bench;
 pub mod demo;
 pub mod logging;
 pub mod progress;
@@ -41,6 +42,12 @@ pub enum Command {
     /// The main job on embedded defaults: the built-in Graph simulator, the
     /// file sink and the embedded checkpoint store. No account or broker.
     Demo(demo::DemoArgs),
+    /// Measure the pipeline against its own limits (fetch+parse floor,
+    /// page latency) and print the figures.
+    Bench(bench::BenchArgs),
+    /// One measured run of `bench` (internal).
+    #[command(hide = true)]
+    BenchWorker(bench::WorkerArgs),
     /// Serve the built-in Graph tenant simulator (delta protocol, token
     /// endpoint, faults, churn, ground truth).
     Simulate(Box<graphdelta::simulator::SimulateArgs>),
@@ -93,6 +100,8 @@ pub enum Command {
 pub async fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::demo(args).await,
+        Command::Bench(args) => bench::bench(args).await,
+        Command::BenchWorker(args) => bench::worker(args).await,
         Command::Simulate(args) => graphdelta::simulator::run(*args)
             .await
             .map(|()| ExitCode::SUCCESS),
