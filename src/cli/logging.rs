@@ -34,7 +34,14 @@ pub fn init(format: LogFormat, verbose: u8, quiet: bool) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let registry = tracing_subscriber::registry().with(filter);
+    // lapin logs every frame it writes at TRACE, the SASL response that
+    // carries the RabbitMQ password included: no RUST_LOG lets that through.
+    let no_lapin_trace = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("lapin"))
+    });
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(no_lapin_trace);
     if json {
         registry
             .with(

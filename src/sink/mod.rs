@@ -8,6 +8,7 @@
 
 pub mod file;
 pub mod kafka;
+pub mod rabbitmq;
 pub mod stdout;
 
 use std::{path::Path, sync::Arc};
@@ -34,6 +35,9 @@ pub enum SinkConfig {
     /// exactly-once (transactions).
     // Boxed: its many settings would make every `SinkConfig` large.
     Kafka(Box<kafka::KafkaSinkConfig>),
+    /// Publishes protobuf events to a RabbitMQ topic exchange with
+    /// publisher confirms.
+    Rabbitmq(rabbitmq::RabbitMqSinkConfig),
 }
 
 impl SinkConfig {
@@ -42,6 +46,7 @@ impl SinkConfig {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(_) => Ok(()),
             SinkConfig::Kafka(c) => c.validate(),
+            SinkConfig::Rabbitmq(c) => c.validate(),
         }
     }
 
@@ -49,6 +54,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) if c.path.is_relative() => c.path = base.join(&c.path),
             SinkConfig::Kafka(c) => c.rebase_paths(base),
+            SinkConfig::Rabbitmq(c) => c.rebase_paths(base),
             _ => {}
         }
     }
@@ -59,6 +65,7 @@ impl SinkConfig {
             SinkConfig::File(_) => "file",
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Rabbitmq(_) => "rabbitmq",
         }
     }
 }
@@ -89,7 +96,7 @@ pub struct StoredCheckpoint {
 }
 
 /// A sink failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SinkError {
     /// Broker unreachable, queue full, a nack, a timeout: another attempt
     /// can succeed.
@@ -155,6 +162,7 @@ pub async fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
         SinkConfig::File(c) => Arc::new(file::FileSink::open(c)?),
         SinkConfig::Stdout(c) => Arc::new(stdout::StdoutSink::new(c)),
         SinkConfig::Kafka(c) => Arc::new(kafka::KafkaSink::new(c)?),
+        SinkConfig::Rabbitmq(c) => Arc::new(rabbitmq::RabbitMqSink::new(c)?),
     })
 }
 
