@@ -19,6 +19,16 @@
 //!
 //! A crash at any instant therefore resumes from a link whose every earlier
 //! event is acknowledged, with the memory that matches it.
+//!
+//! # Sinks that store checkpoints
+//! A transactional sink (Kafka exactly-once) commits each batch's
+//! checkpoint and memory changes itself, before the embedded store does; on
+//! start the store is rolled forward from the sink's last checkpoint. That
+//! record holds only its own batch's memory changes, so the sink may never
+//! be more than one batch ahead of the store: for such sinks one batch is
+//! in flight at a time and each is committed to the store as soon as it is
+//! acknowledged (no `checkpoint_interval` coalescing). Their transactions
+//! are sequential anyway.
 
 use std::{sync::Arc, time::Duration};
 
@@ -489,13 +499,21 @@ impl StreamRunner {
         let mut drain_deadline = None;
         let mut end = PagesEnd::DeltaReached;
         let mut failure: Option<StreamError> = None;
-        let interval = self.runtime.checkpoint_interval;
+        // See "Sinks that store checkpoints" above.
+        let (max_in_flight, interval) = if self.sink.stores_checkpoints() {
+            (1, Duration::ZERO)
+        } else {
+            (
+                self.runtime.max_in_flight_batches,
+                self.runtime.checkpoint_interval,
+            )
+        };
 
         loop {
             if fetch_done && in_flight.is_empty() {
                 break;
             }
-            let can_take = !fetch_done && in_flight.len() < self.runtime.max_in_flight_batches;
+            let can_take = !fetch_done && in_flight.len() < max_in_flight;
             let commit_due = staged.since.map(|t| t + interval);
             tokio::select! {
                 biased;

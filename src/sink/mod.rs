@@ -7,6 +7,7 @@
 //! Errors say whether retrying can help ([`SinkError::is_retriable`]).
 
 pub mod file;
+pub mod kafka;
 pub mod rabbitmq;
 pub mod stdout;
 
@@ -30,6 +31,10 @@ pub enum SinkConfig {
     File(file::FileSinkConfig),
     /// Writes canonical-JSON events to standard output, one per line.
     Stdout(stdout::StdoutSinkConfig),
+    /// Publishes protobuf events to Kafka topics, at-least-once or
+    /// exactly-once (transactions).
+    // Boxed: its many settings would make every `SinkConfig` large.
+    Kafka(Box<kafka::KafkaSinkConfig>),
     /// Publishes protobuf events to a RabbitMQ topic exchange with
     /// publisher confirms.
     Rabbitmq(rabbitmq::RabbitMqSinkConfig),
@@ -40,6 +45,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(_) => Ok(()),
+            SinkConfig::Kafka(c) => c.validate(),
             SinkConfig::Rabbitmq(c) => c.validate(),
         }
     }
@@ -47,6 +53,7 @@ impl SinkConfig {
     pub(crate) fn rebase_paths(&mut self, base: &Path) {
         match self {
             SinkConfig::File(c) if c.path.is_relative() => c.path = base.join(&c.path),
+            SinkConfig::Kafka(c) => c.rebase_paths(base),
             SinkConfig::Rabbitmq(c) => c.rebase_paths(base),
             _ => {}
         }
@@ -57,6 +64,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(_) => "file",
             SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::Kafka(_) => "kafka",
             SinkConfig::Rabbitmq(_) => "rabbitmq",
         }
     }
@@ -153,6 +161,7 @@ pub async fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
     Ok(match config {
         SinkConfig::File(c) => Arc::new(file::FileSink::open(c)?),
         SinkConfig::Stdout(c) => Arc::new(stdout::StdoutSink::new(c)),
+        SinkConfig::Kafka(c) => Arc::new(kafka::KafkaSink::new(c)?),
         SinkConfig::Rabbitmq(c) => Arc::new(rabbitmq::RabbitMqSink::new(c)?),
     })
 }
