@@ -9,8 +9,16 @@ use graphdelta::config::Config;
 fn every_connector_file_is_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors");
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.extend(
+        std::fs::read_dir(dir.join("compose"))
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
+    for path in paths {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
@@ -35,5 +43,5 @@ fn every_connector_file_is_valid() {
         );
         checked += 1;
     }
-    assert!(checked >= 2, "found only {checked} connector files");
+    assert!(checked >= 8, "found only {checked} connector files");
 }
