@@ -3,6 +3,8 @@
 //! SIGTERM mid-round, restarted, and checked for loss.
 
 mod common;
+#[allow(dead_code)]
+mod rabbitmq_util;
 
 use std::{
     net::TcpListener,
@@ -265,5 +267,166 @@ async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
         interrupted || users_written == 3000,
         "SIGTERM landed after the round"
     );
+    handle.shutdown().await;
+}
+
+/// A TCP relay to RabbitMQ that can be cut (existing connections dropped,
+/// new ones refused) and restored: the sink "goes away" without touching
+/// the broker other tests share.
+struct Switch {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Switch {
+    async fn start(upstream: std::net::SocketAddr) -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (up2, conns2) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused, in effect
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Switch { port, up, conns }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for c in self.conns.lock().unwrap().drain(..) {
+                c.abort();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_a_sink_outage_and_recovers() {
+    let (_admin, _channel) = rabbitmq_util::admin().await; // fails loudly without a broker
+    let exchange = rabbitmq_util::unique("ready");
+    let queue = format!("{exchange}.q");
+    let _cleanup = rabbitmq_util::Cleanup::new()
+        .exchange(&exchange)
+        .queue(&queue);
+    let simulator = Simulator::new(SimConfig {
+        users: 500,
+        groups: 5,
+        ..SimConfig::default()
+    });
+    let handle = simulator
+        .clone()
+        .spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let upstream: url::Url = rabbitmq_util::amqp_url().parse().unwrap();
+    let upstream_addr = format!(
+        "{}:{}",
+        upstream.host_str().unwrap(),
+        upstream.port().unwrap_or(5672)
+    );
+    let switch = Switch::start(upstream_addr.parse().unwrap()).await;
+    let mut via_switch = upstream.clone();
+    via_switch.set_host(Some("127.0.0.1")).unwrap();
+    via_switch.set_port(Some(switch.port)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("connector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[graph]
+base_url = "{base}"
+token_url = "{token}"
+tenant_id = "contoso.onmicrosoft.com"
+client_id = "graphdelta-simulator"
+client_secret_env = "{SECRET_ENV}"
+
+[[streams]]
+name = "users"
+resource = "users"
+poll_interval = "500ms"
+
+[sink]
+type = "rabbitmq"
+url_env = "GRAPHDELTA_TEST_SWITCHED_AMQP"
+exchange = "{exchange}"
+connect_timeout = "1s"
+confirm_timeout = "2s"
+
+[[sink.declare_queues]]
+name = "{queue}"
+type = "classic"
+
+[checkpoint]
+path = "state"
+
+[http]
+listen = "127.0.0.1:{port}"
+probe_interval = "200ms"
+"#,
+            base = handle.base_url(),
+            token = handle.token_url(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_graphdelta"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env(SECRET_ENV, "simulator-secret")
+        .env("GRAPHDELTA_TEST_SWITCHED_AMQP", via_switch.as_str())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = async || get(&format!("{base}/health/ready")).await;
+    poll("ready", Duration::from_secs(30), async || {
+        ready().await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+
+    switch.set(false);
+    let (_, reason) = poll(
+        "not ready while the broker is away",
+        Duration::from_secs(30),
+        async || ready().await.filter(|(s, _)| *s == 503),
+    )
+    .await;
+    assert!(reason.contains("sink rabbitmq"), "{reason}");
+    assert!(
+        !reason.contains("guest:guest"),
+        "the AMQP password leaked: {reason}"
+    );
+
+    switch.set(true);
+    poll("ready again", Duration::from_secs(30), async || {
+        ready().await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
     handle.shutdown().await;
 }
