@@ -103,6 +103,10 @@ pub struct RoundContext {
     pub round: u64,
     /// True in full rounds (initial, resync): events get `snapshot = true`.
     pub snapshot: bool,
+    /// A resnapshot: announce every object, not only changes (known live
+    /// objects as UPDATED with their full properties, every listed member
+    /// as added).
+    pub resnapshot: bool,
     pub observed_at: Timestamp,
 }
 
@@ -111,6 +115,7 @@ impl RoundContext {
         Self {
             round,
             snapshot,
+            resnapshot: false,
             observed_at: timestamp(SystemTime::now()),
         }
     }
@@ -312,7 +317,11 @@ impl Normalizer<'_> {
         }
 
         let change_type = match change_type {
-            Some(ChangeType::Updated) if changed.is_empty() && member_changes.is_empty() => None,
+            Some(ChangeType::Updated)
+                if changed.is_empty() && member_changes.is_empty() && !self.round.resnapshot =>
+            {
+                None
+            }
             other => other,
         };
 
@@ -373,7 +382,7 @@ impl Normalizer<'_> {
             if current.as_ref() != Some(&row) {
                 self.out.writes.members.insert(key.clone(), Some(row));
             }
-            (!known).then_some(MemberChangeType::MemberChangeAdded)
+            (!known || self.round.resnapshot).then_some(MemberChangeType::MemberChangeAdded)
         };
         Ok(change.map(|change| {
             content.update(relationship.as_bytes());
@@ -941,6 +950,32 @@ mod tests {
             json!([{"id": "a", "displayName": "A"}]),
         );
         assert_ne!(e1[0].event_id, e5[0].event_id);
+    }
+
+    #[test]
+    fn a_resnapshot_announces_known_objects_and_members() {
+        let c = groups_ctx();
+        let mut m = MapMemory::default();
+        let page = json!([{"id": "g", "displayName": "G", "members@delta": [{"id": "u1"}]}]);
+        run(&c, &mut m, true, page.clone());
+        assert!(
+            run(&c, &mut m, true, page.clone()).is_empty(),
+            "a resync announces nothing"
+        );
+        let mut round = RoundContext::now(2, true);
+        round.resnapshot = true;
+        let n = normalize_page(&c, &round, super::tests::page(page), &mut m).unwrap();
+        assert_eq!(kinds(&n.events), vec![("g".into(), ChangeType::Updated)]);
+        assert!(n.events[0].changed_properties.is_empty());
+        assert_eq!(n.events[0].member_changes.len(), 1);
+        assert!(
+            n.events[0]
+                .properties
+                .as_ref()
+                .unwrap()
+                .fields
+                .contains_key("displayName")
+        );
     }
 
     #[test]

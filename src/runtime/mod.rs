@@ -181,3 +181,41 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
     }
     prepared.run(options.once).await
 }
+
+/// Starts a resnapshot of a stream: its next round is a full round that
+/// announces every object (snapshot events) and infers deletions like a
+/// resync, after which polling resumes from the deltaLink the stream had
+/// now, so no change made meanwhile is lost.
+pub fn begin_resnapshot(
+    store: &mut Store,
+    stream: &str,
+) -> Result<crate::proto::v1::StreamCheckpoint, String> {
+    use crate::proto::v1::{Phase, StreamCheckpoint};
+    let cp = store
+        .load_checkpoint()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!("stream `{stream}` has no checkpoint yet: run it once first (its initial round is a snapshot already)")
+        })?;
+    if cp.phase() != Phase::Incremental || cp.link.is_empty() {
+        return Err(format!(
+            "stream `{stream}` is in its {} phase: let it reach its deltaLink first (graphdelta run --once), then resnapshot",
+            status::phase_name(cp.phase())
+        ));
+    }
+    let now = Some(crate::normalize::timestamp(std::time::SystemTime::now()));
+    let next = StreamCheckpoint {
+        phase: Phase::Resync as i32,
+        link: String::new(),
+        round: cp.round + 1,
+        resume_link: cp.link.clone(),
+        resnapshot: true,
+        round_started_at: now,
+        committed_at: now,
+        ..cp
+    };
+    store
+        .commit(&next, &Default::default())
+        .map_err(|e| e.to_string())?;
+    Ok(next)
+}

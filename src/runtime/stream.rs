@@ -388,6 +388,8 @@ impl StreamRunner {
                     committed_at: cp.committed_at,
                     link_is_delta: false,
                     round_started_at: now,
+                    resume_link: String::new(),
+                    resnapshot: false,
                 }
             }
             None => StreamCheckpoint {
@@ -404,6 +406,8 @@ impl StreamRunner {
                 committed_at: None,
                 link_is_delta: false,
                 round_started_at: now,
+                resume_link: String::new(),
+                resnapshot: false,
             },
         })
     }
@@ -431,6 +435,9 @@ impl StreamRunner {
             phase: Phase::Resync as i32,
             link,
             round: self.committed.round + 1,
+            // The sync state is gone: a deltaLink kept by a resnapshot is
+            // void too; the new round's deltaLink is where polling resumes.
+            resume_link: String::new(),
             round_started_at: Some(normalize::timestamp(std::time::SystemTime::now())),
             committed_at: Some(normalize::timestamp(std::time::SystemTime::now())),
             ..self.committed.clone()
@@ -609,7 +616,8 @@ impl StreamRunner {
         overlay: &mut Overlay,
         snapshot: bool,
     ) -> Result<Batch, StreamError> {
-        let round = RoundContext::now(next.round, snapshot);
+        let mut round = RoundContext::now(next.round, snapshot);
+        round.resnapshot = next.resnapshot;
         let object_count = page.objects.len() as u64;
         let normalized = tokio::task::block_in_place(|| {
             let store = self.store();
@@ -821,7 +829,8 @@ impl StreamRunner {
                 break;
             };
             cursor = *last;
-            let round_ctx = RoundContext::now(round, true);
+            let mut round_ctx = RoundContext::now(round, true);
+            round_ctx.resnapshot = self.committed.resnapshot;
             let mut writes = StateWrites::default();
             let mut events = Vec::with_capacity(stale.len());
             for (_, id, state) in stale {
@@ -842,8 +851,18 @@ impl StreamRunner {
                 "Reported changes Graph could not tell us about (objects or memberships gone during the resync gap)."
             );
         }
+        // After a resnapshot, polling resumes from the deltaLink kept when it
+        // started: changes made while the full round ran are read then.
+        let link = if self.committed.resume_link.is_empty() {
+            self.committed.link.clone()
+        } else {
+            self.committed.resume_link.clone()
+        };
         let cp = StreamCheckpoint {
             phase: Phase::Incremental as i32,
+            link,
+            resume_link: String::new(),
+            resnapshot: false,
             batch_seq: self.committed.batch_seq + 1,
             committed_at: Some(normalize::timestamp(std::time::SystemTime::now())),
             ..self.committed.clone()
