@@ -3,7 +3,6 @@
 //! SIGTERM mid-round, restarted, and checked for loss.
 
 mod common;
-#[allow(dead_code)]
 mod rabbitmq_util;
 
 use std::{
