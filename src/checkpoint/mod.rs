@@ -118,6 +118,24 @@ impl Store {
         }))
     }
 
+    /// A second, read-only connection to the same store: reads from it see
+    /// every commit made through this one before the read began.
+    pub fn reader(&self) -> Result<Store, CheckpointError> {
+        let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|conn| {
+                conn.busy_timeout(Duration::from_secs(5))?;
+                conn.pragma_update(None, "cache_size", -8192)?;
+                register_functions(&conn)?;
+                Ok(conn)
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(Store {
+            conn,
+            path: self.path.clone(),
+            stream: self.stream.clone(),
+        })
+    }
+
     fn init(&self) -> rusqlite::Result<()> {
         register_functions(&self.conn)?;
         self.conn.busy_timeout(Duration::from_secs(5))?;
@@ -217,6 +235,41 @@ impl Store {
             .transpose()
     }
 
+    /// What is remembered of several objects, in few queries; ids without
+    /// a row are absent from the result.
+    pub fn objects(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, ObjectState>, CheckpointError> {
+        const CHUNK: usize = 256;
+        let mut found = std::collections::HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            let sql =
+                format!("SELECT id, seen_round, state FROM objects WHERE key IN ({placeholders})");
+            let keys: Vec<i64> = chunk.iter().map(|id| object_key(id)).collect();
+            let wanted: std::collections::HashSet<&str> = chunk.iter().copied().collect();
+            let rows: Vec<(String, i64, Vec<u8>)> = self
+                .conn
+                .prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_map(rusqlite::params_from_iter(keys.iter()), |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect()
+                })
+                .map_err(|e| self.err(e))?;
+            for (id, seen, blob) in rows {
+                // Equal hashes of different ids are possible, if unlikely.
+                if wanted.contains(id.as_str()) {
+                    let state = self.decode_state(seen, &blob)?;
+                    found.insert(id, state);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     fn decode_state(&self, seen_round: i64, blob: &[u8]) -> Result<ObjectState, CheckpointError> {
         let mut state = ObjectState::decode(blob)
             .map_err(|e| self.err(format!("object state is corrupt: {e}")))?;
@@ -296,7 +349,10 @@ impl Store {
                             state.seen_round as i64
                         };
                         let key = object_key(id);
-                        if update.execute(params![key, id, seen, buf])? == 0 {
+                        // First sightings have no row: insert at once.
+                        if writes.new_objects.contains(id)
+                            || update.execute(params![key, id, seen, buf])? == 0
+                        {
                             insert.execute(params![key, id, seen, buf])?;
                         }
                     }

@@ -35,6 +35,11 @@ pub struct MemberRow {
 
 /// Read access to what the connector remembers.
 pub trait MemoryView {
+    /// Hint: these objects are about to be looked up (one query instead of
+    /// one per object).
+    fn prefetch(&mut self, _ids: &[&str]) -> Result<(), CheckpointError> {
+        Ok(())
+    }
     fn object(&mut self, id: &str) -> Result<Option<ObjectState>, CheckpointError>;
     fn member(&mut self, key: &MemberKey) -> Result<Option<MemberRow>, CheckpointError>;
 }
@@ -49,6 +54,9 @@ pub struct StateWrites {
     pub forgotten_groups: HashSet<String>,
     /// Memberships to store (`Some`) or forget (`None`).
     pub members: HashMap<MemberKey, Option<MemberRow>>,
+    /// Objects the store has no row for yet (first sightings): inserted
+    /// without looking for a row to update first.
+    pub new_objects: HashSet<String>,
 }
 
 impl StateWrites {
@@ -65,6 +73,7 @@ impl StateWrites {
         self.forgotten_groups.extend(later.forgotten_groups);
         self.members.extend(later.members);
         self.objects.extend(later.objects);
+        self.new_objects.extend(later.new_objects);
     }
 
     /// Forgets all of `group`'s memberships, including ones written earlier
@@ -121,6 +130,7 @@ impl StateWrites {
     /// Back from the protobuf form.
     pub fn from_proto(p: BatchState) -> Self {
         StateWrites {
+            new_objects: HashSet::new(),
             objects: p.objects.into_iter().map(|o| (o.id, o.state)).collect(),
             forgotten_groups: p.forgotten_groups.into_iter().collect(),
             members: p
@@ -186,6 +196,7 @@ impl Overlay {
         OverlayView {
             overlay: self,
             store,
+            prefetched: HashMap::new(),
         }
     }
 }
@@ -194,12 +205,31 @@ impl Overlay {
 pub struct OverlayView<'a> {
     overlay: &'a Overlay,
     store: &'a Store,
+    /// Store rows fetched by [`MemoryView::prefetch`] (`None`: no row).
+    prefetched: HashMap<String, Option<ObjectState>>,
 }
 
 impl MemoryView for OverlayView<'_> {
+    fn prefetch(&mut self, ids: &[&str]) -> Result<(), CheckpointError> {
+        let missing: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.overlay.objects.contains_key(*id))
+            .collect();
+        let mut found = self.store.objects(&missing)?;
+        for id in missing {
+            let state = found.remove(id);
+            self.prefetched.insert(id.to_string(), state);
+        }
+        Ok(())
+    }
+
     fn object(&mut self, id: &str) -> Result<Option<ObjectState>, CheckpointError> {
-        match self.overlay.objects.get(id) {
-            Some((_, state)) => Ok(state.clone()),
+        if let Some((_, state)) = self.overlay.objects.get(id) {
+            return Ok(state.clone());
+        }
+        match self.prefetched.get(id) {
+            Some(state) => Ok(state.clone()),
             None => self.store.object(id),
         }
     }

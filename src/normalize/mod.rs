@@ -176,6 +176,12 @@ pub fn normalize_page(
     objects: Vec<Map<String, Value>>,
     memory: &mut dyn MemoryView,
 ) -> Result<Normalized, NormalizeError> {
+    let ids: Vec<&str> = objects
+        .iter()
+        .filter_map(|o| o.get("id").and_then(Value::as_str))
+        .collect();
+    memory.prefetch(&ids)?;
+    drop(ids);
     let mut n = Normalizer {
         ctx,
         round,
@@ -254,6 +260,9 @@ impl Normalizer<'_> {
             })
             .unwrap_or_else(|| self.ctx.default_object_type.clone());
 
+        if remembered.is_none() && !self.out.writes.objects.contains_key(&id) {
+            self.out.writes.new_objects.insert(id.clone());
+        }
         let mut state = match &previous {
             Some(p) => p.clone(),
             None => ObjectState {

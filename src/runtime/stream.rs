@@ -110,6 +110,95 @@ struct Batch {
     writes: StateWrites,
     checkpoint: StreamCheckpoint,
     objects: u64,
+    /// The batch of the round's last page (its deltaLink).
+    ends_round: bool,
+}
+
+/// What the normalizer stage hands to the publishing loop, in page order.
+enum Ready {
+    Batch(Batch),
+    /// The fetcher's error that ended the round (after every good page).
+    Fetch(GraphError),
+    /// A page that could not be normalized, or a store failure.
+    Error(StreamError),
+}
+
+/// Normalization on a blocking thread: pages in, batches out, memory
+/// changes recorded in the shared overlay until they are committed.
+struct NormalizeStage {
+    ctx: StreamContext,
+    /// A read-only connection to the stream's store.
+    store: Store,
+    overlay: Arc<std::sync::Mutex<Overlay>>,
+    /// The checkpoint after the last normalized page.
+    next: StreamCheckpoint,
+    snapshot: bool,
+    stream: String,
+    host: String,
+}
+
+impl NormalizeStage {
+    fn run(mut self, mut pages: mpsc::Receiver<Fetched>, ready: mpsc::Sender<Ready>) {
+        while let Some(fetched) = pages.blocking_recv() {
+            let item = match fetched {
+                Fetched::Page(page) => match self.normalize(page) {
+                    Ok(batch) => Ready::Batch(batch),
+                    Err(e) => Ready::Error(e),
+                },
+                Fetched::Failed(e) => Ready::Fetch(e),
+            };
+            let last = !matches!(&item, Ready::Batch(b) if !b.ends_round);
+            if ready.blocking_send(item).is_err() || last {
+                return;
+            }
+        }
+    }
+
+    /// Normalizes a page into the next batch and records its memory changes
+    /// in the overlay.
+    fn normalize(&mut self, page: Page) -> Result<Batch, StreamError> {
+        let next = &mut self.next;
+        let mut round = RoundContext::now(next.round, self.snapshot);
+        round.resnapshot = next.resnapshot;
+        let object_count = page.objects.len() as u64;
+        let mut overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
+        let normalized = {
+            let mut view = overlay.view(&self.store);
+            normalize::normalize_page(&self.ctx, &round, page.objects, &mut view)
+        }
+        .map_err(|source| match source {
+            NormalizeError::Memory(source) => StreamError::Checkpoint {
+                stream: self.stream.clone(),
+                source,
+            },
+            source => StreamError::Normalize {
+                stream: self.stream.clone(),
+                host: self.host.clone(),
+                source,
+            },
+        })?;
+        next.batch_seq += 1;
+        next.link = page.link.url().to_string();
+        let ends_round = page.link.is_delta();
+        if ends_round {
+            next.phase = if self.snapshot {
+                Phase::Reconcile
+            } else {
+                Phase::Incremental
+            } as i32;
+            next.link_is_delta = true;
+        }
+        next.committed_at = Some(normalize::timestamp(std::time::SystemTime::now()));
+        overlay.apply(next.batch_seq, &normalized.writes);
+        Ok(Batch {
+            seq: next.batch_seq,
+            events: normalized.events,
+            writes: normalized.writes,
+            checkpoint: next.clone(),
+            objects: object_count,
+            ends_round,
+        })
+    }
 }
 
 /// Acknowledged batches waiting to be committed together.
@@ -466,7 +555,7 @@ impl StreamRunner {
         let options = FetchOptions {
             return_minimal: phase == Phase::Incremental && self.resolved.stream.return_minimal,
         };
-        let (tx, mut rx) = mpsc::channel::<Fetched>(self.runtime.prefetch_pages);
+        let (tx, rx) = mpsc::channel::<Fetched>(self.runtime.prefetch_pages);
         let stop_fetching = self.shutdown.child_token();
         let fetcher = tokio::spawn(fetch_loop(
             self.graph.clone(),
@@ -479,13 +568,31 @@ impl StreamRunner {
         let _stop_guard = stop_fetching.clone().drop_guard();
         let _abort_guard = AbortOnDrop(fetcher);
 
-        let mut overlay = Overlay::default();
+        // Normalization runs on its own thread, reading the memory through
+        // a second (read-only) connection: it overlaps with publishing and
+        // committing on this task, and with fetching on the fetcher's.
+        let overlay = Arc::new(std::sync::Mutex::new(Overlay::default()));
+        let reader = self.store().reader().map_err(|e| self.store_err(e))?;
+        let stage = NormalizeStage {
+            ctx: self.ctx.clone(),
+            store: reader,
+            overlay: overlay.clone(),
+            next: self.committed.clone(),
+            snapshot,
+            stream: self.name().to_string(),
+            host: self.host.clone(),
+        };
+        let (ready_tx, mut ready_rx) = mpsc::channel::<Ready>(2);
+        let normalizer = tokio::task::spawn_blocking(move || stage.run(rx, ready_tx));
         let mut staged = Staged::default();
         let outcome = self
-            .pages_loop(&mut rx, &stop_fetching, snapshot, &mut overlay, &mut staged)
+            .pages_loop(&mut ready_rx, &stop_fetching, &overlay, &mut staged)
             .await;
         // Whatever ended the loop, what was acknowledged gets committed.
-        let flushed = self.flush(&mut staged, &mut overlay);
+        let flushed = self.flush(&mut staged, &overlay);
+        // The normalizer ends once its channel is closed.
+        drop(ready_rx);
+        let _ = normalizer.await;
         let end = outcome?;
         flushed?;
         Ok(end)
@@ -493,14 +600,12 @@ impl StreamRunner {
 
     async fn pages_loop(
         &mut self,
-        rx: &mut mpsc::Receiver<Fetched>,
+        rx: &mut mpsc::Receiver<Ready>,
         stop_fetching: &CancellationToken,
-        snapshot: bool,
-        overlay: &mut Overlay,
+        overlay: &std::sync::Mutex<Overlay>,
         staged: &mut Staged,
     ) -> Result<PagesEnd, StreamError> {
         let mut in_flight: FuturesOrdered<Publishing> = FuturesOrdered::new();
-        let mut next = self.committed.clone();
         let mut fetch_done = false;
         let mut stopping = false;
         let mut drain_deadline = None;
@@ -564,25 +669,27 @@ impl StreamRunner {
                 _ = sleep_until_opt(commit_due) => {
                     self.flush(staged, overlay)?;
                 }
-                fetched = rx.recv(), if can_take => {
-                    match fetched {
-                        Some(Fetched::Page(page)) => {
-                            let is_delta = page.link.is_delta();
-                            let batch = self.normalize(page, &mut next, overlay, snapshot)?;
-                            in_flight.push_back(self.publish_future(batch));
-                            if is_delta {
+                ready = rx.recv(), if can_take => {
+                    match ready {
+                        Some(Ready::Batch(batch)) => {
+                            if batch.ends_round {
                                 fetch_done = true;
                             }
+                            in_flight.push_back(self.publish_future(batch));
                         }
-                        Some(Fetched::Failed(GraphError::Resync { reason, location, .. })) => {
+                        Some(Ready::Fetch(GraphError::Resync { reason, location, .. })) => {
                             fetch_done = true;
                             end = PagesEnd::Resync { reason, location };
                         }
-                        Some(Fetched::Failed(e)) => {
+                        Some(Ready::Fetch(e)) => {
                             // Pages before the failure are good: let them
                             // be acknowledged and committed first.
                             fetch_done = true;
                             failure = Some(self.graph_err(e));
+                        }
+                        Some(Ready::Error(e)) => {
+                            fetch_done = true;
+                            failure = Some(e);
                         }
                         None => fetch_done = true,
                     }
@@ -605,52 +712,6 @@ impl StreamRunner {
             return Err(e);
         }
         Ok(end)
-    }
-
-    /// Normalizes a page into the next batch and records its memory changes
-    /// in the overlay.
-    fn normalize(
-        &mut self,
-        page: Page,
-        next: &mut StreamCheckpoint,
-        overlay: &mut Overlay,
-        snapshot: bool,
-    ) -> Result<Batch, StreamError> {
-        let mut round = RoundContext::now(next.round, snapshot);
-        round.resnapshot = next.resnapshot;
-        let object_count = page.objects.len() as u64;
-        let normalized = tokio::task::block_in_place(|| {
-            let store = self.store();
-            let mut view = overlay.view(&store);
-            normalize::normalize_page(&self.ctx, &round, page.objects, &mut view)
-        })
-        .map_err(|source| match source {
-            NormalizeError::Memory(e) => self.store_err(e),
-            source => StreamError::Normalize {
-                stream: self.name().to_string(),
-                host: self.host.clone(),
-                source,
-            },
-        })?;
-        next.batch_seq += 1;
-        next.link = page.link.url().to_string();
-        if page.link.is_delta() {
-            next.phase = if snapshot {
-                Phase::Reconcile
-            } else {
-                Phase::Incremental
-            } as i32;
-            next.link_is_delta = true;
-        }
-        next.committed_at = Some(normalize::timestamp(std::time::SystemTime::now()));
-        overlay.apply(next.batch_seq, &normalized.writes);
-        Ok(Batch {
-            seq: next.batch_seq,
-            events: normalized.events,
-            writes: normalized.writes,
-            checkpoint: next.clone(),
-            objects: object_count,
-        })
     }
 
     fn publish_future(&self, batch: Batch) -> Publishing {
@@ -733,6 +794,7 @@ impl StreamRunner {
             writes: shared.writes.clone(),
             checkpoint: shared.checkpoint.clone(),
             objects: shared.objects,
+            ends_round: shared.ends_round,
         });
         staged.writes.merge(batch.writes);
         staged.checkpoint = Some(batch.checkpoint);
@@ -743,7 +805,11 @@ impl StreamRunner {
 
     /// Commits every staged batch: the last checkpoint and the merged memory
     /// changes in one transaction; then drops them from the overlay.
-    fn flush(&mut self, staged: &mut Staged, overlay: &mut Overlay) -> Result<(), StreamError> {
+    fn flush(
+        &mut self,
+        staged: &mut Staged,
+        overlay: &std::sync::Mutex<Overlay>,
+    ) -> Result<(), StreamError> {
         let Some(checkpoint) = staged.checkpoint.take() else {
             return Ok(());
         };
@@ -751,13 +817,22 @@ impl StreamRunner {
         let last_seq = staged.last_seq;
         *staged = Staged::default();
         self.commit_checkpoint(&checkpoint, &writes)?;
-        overlay.release(last_seq);
+        // After the commit, never before: the normalizer finds what it
+        // no longer sees in the overlay in the store.
+        overlay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(last_seq);
         tracing::debug!(batch = last_seq, "Checkpoint committed.");
         Ok(())
     }
 
     /// Stages and commits one batch at once.
-    fn commit_batch(&mut self, batch: Batch, overlay: &mut Overlay) -> Result<(), StreamError> {
+    fn commit_batch(
+        &mut self,
+        batch: Batch,
+        overlay: &std::sync::Mutex<Overlay>,
+    ) -> Result<(), StreamError> {
         let mut staged = Staged::default();
         self.stage(&mut staged, Arc::new(batch));
         self.flush(&mut staged, overlay)
@@ -875,6 +950,7 @@ impl StreamRunner {
             writes: StateWrites::default(),
             checkpoint: cp,
             objects: 0,
+            ends_round: false,
         };
         if sink_needs_empty_batches(&*self.sink) && !self.publish_until_acked(&batch).await? {
             return Ok(false);
@@ -899,12 +975,13 @@ impl StreamRunner {
             writes,
             checkpoint: cp,
             objects: 0,
+            ends_round: false,
         };
         if !self.publish_until_acked(&batch).await? {
             return Ok(false);
         }
-        let mut overlay = Overlay::default();
-        self.commit_batch(batch, &mut overlay)?;
+        let overlay = std::sync::Mutex::new(Overlay::default());
+        self.commit_batch(batch, &overlay)?;
         Ok(true)
     }
 }
