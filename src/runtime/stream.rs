@@ -116,7 +116,7 @@ struct Batch {
 
 /// What the normalizer stage hands to the publishing loop, in page order.
 enum Ready {
-    Batch(Batch),
+    Batch(Box<Batch>),
     /// The fetcher's error that ended the round (after every good page).
     Fetch(GraphError),
     /// A page that could not be normalized, or a store failure.
@@ -142,7 +142,7 @@ impl NormalizeStage {
         while let Some(fetched) = pages.blocking_recv() {
             let item = match fetched {
                 Fetched::Page(page) => match self.normalize(page) {
-                    Ok(batch) => Ready::Batch(batch),
+                    Ok(batch) => Ready::Batch(Box::new(batch)),
                     Err(e) => Ready::Error(e),
                 },
                 Fetched::Failed(e) => Ready::Fetch(e),
@@ -675,7 +675,7 @@ impl StreamRunner {
                             if batch.ends_round {
                                 fetch_done = true;
                             }
-                            in_flight.push_back(self.publish_future(batch));
+                            in_flight.push_back(self.publish_future(*batch));
                         }
                         Some(Ready::Fetch(GraphError::Resync { reason, location, .. })) => {
                             fetch_done = true;
