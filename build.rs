@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         .compile_well_known_types()
         .extern_path(".google.protobuf", "::pbjson_types")
+        // Event properties: a Struct that keeps the JSON Graph sent (see
+        // src/proto/json_struct.rs).
+        .extern_path(".google.protobuf.Struct", "crate::proto::JsonStruct")
         .compile_fds(descriptors)?;
 
     let descriptor_bytes = std::fs::read(&descriptor_path)?;

@@ -28,16 +28,18 @@ pub mod memory;
 
 use std::time::SystemTime;
 
-use pbjson_types::{ListValue, Struct, Timestamp, Value as PbValue, value::Kind};
+use pbjson_types::Timestamp;
 use serde_json::{Map, Value};
 use uuid::Uuid;
-use xxhash_rust::xxh3::Xxh3;
 
 use self::memory::{MemberKey, MemberRow, MemoryView, PropertyHashes, StateWrites};
 use crate::{
     checkpoint::CheckpointError,
     config::ResolvedStream,
-    proto::v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType, ObjectState},
+    proto::{
+        JsonStruct,
+        v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType, ObjectState},
+    },
 };
 
 /// The stream an object belongs to.
@@ -277,7 +279,7 @@ impl Normalizer<'_> {
             object_type.clone()
         };
 
-        let mut content = Xxh3::new();
+        let mut content = hash::Mix::new(0);
         let (change_type, changed) = match removed {
             Removed::Deleted => {
                 self.out.writes.forget_group(&id);
@@ -354,7 +356,7 @@ impl Normalizer<'_> {
                     changed_properties: changed,
                     member_changes,
                     inferred: false,
-                    content: content.digest(),
+                    content: content.finish(),
                 });
                 self.out.events.push(event);
                 self.out.writes.objects.insert(id, Some(state));
@@ -370,7 +372,7 @@ impl Normalizer<'_> {
         group: &str,
         relationship: &str,
         entry: (String, String, bool),
-        content: &mut Xxh3,
+        content: &mut hash::Mix,
     ) -> Result<Option<MemberChange>, CheckpointError> {
         let (member, member_type, removed) = entry;
         let key = MemberKey {
@@ -394,9 +396,9 @@ impl Normalizer<'_> {
             (!known || self.round.resnapshot).then_some(MemberChangeType::MemberChangeAdded)
         };
         Ok(change.map(|change| {
-            content.update(relationship.as_bytes());
-            content.update(&[0, change as u8]);
-            content.update(key.member.as_bytes());
+            content.add_bytes(relationship.as_bytes());
+            content.add(change as u64);
+            content.add_bytes(key.member.as_bytes());
             MemberChange {
                 member_id: key.member,
                 member_type,
@@ -417,7 +419,7 @@ pub struct EventParts<'a> {
     pub object_type: String,
     pub change_type: ChangeType,
     pub version: u64,
-    pub properties: Option<Struct>,
+    pub properties: Option<JsonStruct>,
     pub changed_properties: Vec<String>,
     pub member_changes: Vec<MemberChange>,
     pub inferred: bool,
@@ -457,23 +459,47 @@ fn diff_properties(
     properties: &Map<String, Value>,
     state: &mut ObjectState,
     is_new: bool,
-    content: &mut Xxh3,
+    content: &mut hash::Mix,
 ) -> Vec<String> {
-    let mut changed = Vec::new();
-    for (name, value) in properties {
-        let name_hash = hash::name_hash(name);
-        let value_hash = hash::value_hash(value);
-        let before = state.property_hash(name_hash);
-        if before != value_hash || is_new {
+    let mut changed = Vec::with_capacity(if is_new { properties.len() } else { 4 });
+    if is_new {
+        // Nothing to compare with: hash everything, sort once.
+        let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(properties.len());
+        for (name, value) in properties {
+            let name_hash = hash::name_hash(name);
+            let value_hash = hash::value_hash(value);
             changed.push(name.clone());
-            content.update(&name_hash.to_le_bytes());
-            content.update(&value_hash.unwrap_or(0).to_le_bytes());
+            content.add(name_hash);
+            content.add(value_hash.unwrap_or(0));
+            if let Some(v) = value_hash {
+                pairs.push((name_hash, v));
+            }
         }
-        if before != value_hash {
-            state.set_property_hash(name_hash, value_hash);
+        pairs.sort_unstable_by_key(|p| p.0);
+        pairs.dedup_by_key(|p| p.0);
+        state.property_hashes.clear();
+        state.property_hashes.reserve(pairs.len() * 2);
+        for (n, v) in pairs {
+            state.property_hashes.push(n);
+            state.property_hashes.push(v);
+        }
+    } else {
+        for (name, value) in properties {
+            let name_hash = hash::name_hash(name);
+            let value_hash = hash::value_hash(value);
+            let before = state.property_hash(name_hash);
+            if before != value_hash {
+                changed.push(name.clone());
+                content.add(name_hash);
+                content.add(value_hash.unwrap_or(0));
+                state.set_property_hash(name_hash, value_hash);
+            }
         }
     }
-    changed.sort_unstable();
+    // Sorted already when the map is ordered by key (serde_json's default).
+    if !changed.is_sorted() {
+        changed.sort_unstable();
+    }
     changed
 }
 
@@ -527,49 +553,13 @@ fn extract_relationship_deltas(
 }
 
 /// JSON object → `google.protobuf.Struct` (explicit nulls kept).
-pub fn to_struct(map: Map<String, Value>) -> Struct {
-    Struct {
-        fields: map.into_iter().map(|(k, v)| (k, to_pb_value(v))).collect(),
-    }
-}
-
-fn to_pb_value(v: Value) -> PbValue {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        Value::String(s) => Kind::StringValue(s),
-        Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.into_iter().map(to_pb_value).collect(),
-        }),
-        Value::Object(map) => Kind::StructValue(to_struct(map)),
-    };
-    PbValue { kind: Some(kind) }
+pub fn to_struct(map: Map<String, Value>) -> JsonStruct {
+    JsonStruct::from(map)
 }
 
 /// `google.protobuf.Struct` → JSON object (for replay and tools).
-pub fn struct_to_json(s: &Struct) -> Map<String, Value> {
-    s.fields
-        .iter()
-        .map(|(k, v)| (k.clone(), pb_value_to_json(v)))
-        .collect()
-}
-
-fn pb_value_to_json(v: &PbValue) -> Value {
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            if n.fract() == 0.0 && n.abs() < 9.0e15 {
-                Value::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
-            }
-        }
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(pb_value_to_json).collect()),
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
-    }
+pub fn struct_to_json(s: &JsonStruct) -> Map<String, Value> {
+    s.fields.clone()
 }
 
 /// Reconciliation after a full round: `id` was known but not returned, so
@@ -623,12 +613,12 @@ pub fn inferred_member_removals(
     state: &mut ObjectState,
     removed: Vec<(MemberKey, MemberRow)>,
 ) -> ChangeEvent {
-    let mut content = Xxh3::new();
+    let mut content = hash::Mix::new(0);
     let member_changes = removed
         .into_iter()
         .map(|(key, row)| {
-            content.update(key.relationship.as_bytes());
-            content.update(key.member.as_bytes());
+            content.add_bytes(key.relationship.as_bytes());
+            content.add_bytes(key.member.as_bytes());
             MemberChange {
                 member_id: key.member,
                 member_type: row.member_type,
@@ -655,7 +645,7 @@ pub fn inferred_member_removals(
             changed_properties: Vec::new(),
             member_changes,
             inferred: true,
-            content: content.digest(),
+            content: content.finish(),
         },
     )
 }
@@ -739,8 +729,8 @@ mod tests {
         let e = run(&c, &mut m, false, json!([{"id": "a", "mail": null}]));
         assert_eq!(e[0].changed_properties, vec!["mail"]);
         assert_eq!(
-            e[0].properties.as_ref().unwrap().fields["mail"].kind,
-            Some(Kind::NullValue(0))
+            e[0].properties.as_ref().unwrap().fields["mail"],
+            Value::Null
         );
 
         let e = run(
