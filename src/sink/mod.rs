@@ -169,8 +169,7 @@ pub async fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
 /// Appends the canonical JSON of each event plus `\n` to `buf`.
 pub fn encode_json_lines(events: &[ChangeEvent], buf: &mut Vec<u8>) {
     for event in events {
-        // Serializing generated pbjson types into a Vec cannot fail.
-        serde_json::to_writer(&mut *buf, event).expect("ChangeEvent serializes");
+        crate::proto::json::write_event(event, buf);
         buf.push(b'\n');
     }
 }
