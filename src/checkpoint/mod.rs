@@ -58,6 +58,37 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Ids looked up per query.
+const LOOKUP_CHUNK: usize = 256;
+/// Rows inserted per statement (4 parameters each).
+const INSERT_CHUNK: usize = 64;
+
+/// `SELECT ... WHERE key IN (?, ...)` for 0..=LOOKUP_CHUNK keys.
+fn lookup_sql() -> &'static [String] {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        (0..=LOOKUP_CHUNK)
+            .map(|n| {
+                let placeholders = vec!["?"; n.max(1)].join(",");
+                format!("SELECT id, seen_round, state FROM objects WHERE key IN ({placeholders})")
+            })
+            .collect()
+    })
+}
+
+/// `INSERT ... VALUES (?,?,?,?), ...` for 0..=INSERT_CHUNK rows.
+fn insert_sql() -> &'static [String] {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        (0..=INSERT_CHUNK)
+            .map(|n| {
+                let rows = vec!["(?,?,?,?)"; n.max(1)].join(",");
+                format!("INSERT INTO objects (key, id, seen_round, state) VALUES {rows}")
+            })
+            .collect()
+    })
+}
+
 /// The index key of an object id: its xxh3, as SQLite's signed integer.
 fn object_key(id: &str) -> i64 {
     xxhash_rust::xxh3::xxh3_64(id.as_bytes()) as i64
@@ -241,17 +272,14 @@ impl Store {
         &self,
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, ObjectState>, CheckpointError> {
-        const CHUNK: usize = 256;
         let mut found = std::collections::HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(CHUNK) {
-            let placeholders = vec!["?"; chunk.len()].join(",");
-            let sql =
-                format!("SELECT id, seen_round, state FROM objects WHERE key IN ({placeholders})");
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let sql = &lookup_sql()[chunk.len()];
             let keys: Vec<i64> = chunk.iter().map(|id| object_key(id)).collect();
             let wanted: std::collections::HashSet<&str> = chunk.iter().copied().collect();
             let rows: Vec<(String, i64, Vec<u8>)> = self
                 .conn
-                .prepare_cached(&sql)
+                .prepare_cached(sql)
                 .and_then(|mut s| {
                     s.query_map(rusqlite::params_from_iter(keys.iter()), |r| {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -326,11 +354,13 @@ impl Store {
                 "INSERT INTO objects (key, id, seen_round, state) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let mut delete = tx.prepare_cached("DELETE FROM objects WHERE key = ?1 AND id = ?2")?;
-            let mut buf = Vec::with_capacity(256);
+            // First sightings have no row: inserted in multi-row statements,
+            // which saves most of SQLite's per-statement work.
+            let mut fresh: Vec<(i64, &str, i64, Vec<u8>)> = Vec::new();
             for (id, state) in &writes.objects {
                 match state {
                     Some(state) => {
-                        buf.clear();
+                        let mut buf = Vec::with_capacity(64 + state.property_hashes.len() * 8);
                         // seen_round lives in its own column, for
                         // reconciliation (a tombstone keeps it in the blob).
                         let stored = ObjectState {
@@ -349,10 +379,9 @@ impl Store {
                             state.seen_round as i64
                         };
                         let key = object_key(id);
-                        // First sightings have no row: insert at once.
-                        if writes.new_objects.contains(id)
-                            || update.execute(params![key, id, seen, buf])? == 0
-                        {
+                        if writes.new_objects.contains(id) {
+                            fresh.push((key, id, seen, buf));
+                        } else if update.execute(params![key, id, seen, buf])? == 0 {
                             insert.execute(params![key, id, seen, buf])?;
                         }
                     }
@@ -360,6 +389,21 @@ impl Store {
                         delete.execute(params![object_key(id), id])?;
                     }
                 }
+            }
+            for rows in fresh.chunks(INSERT_CHUNK) {
+                let mut many = tx.prepare_cached(&insert_sql()[rows.len()])?;
+                let params: Vec<&dyn rusqlite::ToSql> = rows
+                    .iter()
+                    .flat_map(|(key, id, seen, blob)| {
+                        [
+                            key as &dyn rusqlite::ToSql,
+                            id as &dyn rusqlite::ToSql,
+                            seen as &dyn rusqlite::ToSql,
+                            blob as &dyn rusqlite::ToSql,
+                        ]
+                    })
+                    .collect();
+                many.execute(params.as_slice())?;
             }
             let mut put_member = tx.prepare_cached(
                 "INSERT OR REPLACE INTO members (group_id, relationship, member_id, member_type, seen_round)

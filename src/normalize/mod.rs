@@ -429,13 +429,8 @@ pub struct EventParts<'a> {
 
 /// Assembles a [`ChangeEvent`] with its deterministic id.
 pub fn build_event(ctx: &StreamContext, round: &RoundContext, p: EventParts<'_>) -> ChangeEvent {
-    let name = format!(
-        "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{:016x}",
-        p.id, p.version, p.change_type as i32, p.inferred as u8, p.content
-    );
-    let event_id = Uuid::new_v5(&ctx.namespace, name.as_bytes());
     ChangeEvent {
-        event_id: event_id.to_string(),
+        event_id: event_id(ctx, p.id, p.version, p.change_type, p.inferred, p.content),
         tenant_id: ctx.tenant_id.clone(),
         stream: ctx.stream.clone(),
         resource: ctx.resource.clone(),
@@ -450,6 +445,33 @@ pub fn build_event(ctx: &StreamContext, round: &RoundContext, p: EventParts<'_>)
         observed_at: Some(round.observed_at),
         object_version: p.version,
     }
+}
+
+/// The deterministic event id: a UUIDv8 (RFC 9562, custom) holding the
+/// xxh3-128 of (stream namespace, object id, version, change, inferred,
+/// content). The same change re-emitted after a crash gets the same id; any
+/// two different events differ in at least one input.
+pub fn event_id(
+    ctx: &StreamContext,
+    object_id: &str,
+    version: u64,
+    change: ChangeType,
+    inferred: bool,
+    content: u64,
+) -> String {
+    let mut name = Vec::with_capacity(16 + object_id.len() + 18);
+    name.extend_from_slice(ctx.namespace.as_bytes());
+    name.extend_from_slice(object_id.as_bytes());
+    name.push(0x1f);
+    name.extend_from_slice(&version.to_le_bytes());
+    name.push(change as u8);
+    name.push(inferred as u8);
+    name.extend_from_slice(&content.to_le_bytes());
+    let digest = xxhash_rust::xxh3::xxh3_128(&name).to_be_bytes();
+    uuid::Builder::from_custom_bytes(digest)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 /// Compares the properties with the remembered hashes, updating `state`;
