@@ -31,8 +31,13 @@
 //! - [`simulator`]: a synthetic Entra ID tenant that speaks the delta protocol,
 //!   used by `graphdelta demo`, the tests and the benchmark.
 //! - [`proto`]: the generated `graphdelta.v1` types and descriptor set.
+//! - [`cluster`]: `[cluster]` mode: instances in one Kafka consumer group
+//!   divide the streams (one partition of an assignments topic per stream)
+//!   and hand them over through a compacted state topic holding each
+//!   stream's checkpoint and memory.
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod graph;
 pub mod normalize;

@@ -50,6 +50,21 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     stream: String,
+    /// Cluster mode: writes each commit to the shared state topic first.
+    mirror: Option<Box<dyn CommitMirror>>,
+}
+
+/// Something that must hold every commit before the store does: in cluster
+/// mode the compacted Kafka state topic ([`crate::cluster::state`]), so that
+/// another instance can take the stream over. Called before the SQLite
+/// transaction; an error leaves the store untouched.
+pub trait CommitMirror: Send {
+    fn before_commit(
+        &mut self,
+        store: &Store,
+        checkpoint: &StreamCheckpoint,
+        writes: &StateWrites,
+    ) -> Result<(), String>;
 }
 
 impl std::fmt::Debug for Store {
@@ -118,6 +133,7 @@ impl Store {
             conn,
             path: path.clone(),
             stream: stream.to_string(),
+            mirror: None,
         };
         store.init().map_err(|e| store.err(e))?;
         Ok(store)
@@ -146,6 +162,7 @@ impl Store {
             conn,
             path,
             stream: stream.to_string(),
+            mirror: None,
         }))
     }
 
@@ -164,6 +181,7 @@ impl Store {
             conn,
             path: self.path.clone(),
             stream: self.stream.clone(),
+            mirror: None,
         })
     }
 
@@ -326,13 +344,46 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Applies a batch's state writes and its checkpoint in one transaction.
+    /// Applies a batch's state writes and its checkpoint in one transaction
+    /// (after the mirror, if any, holds them).
     pub fn commit(
         &mut self,
         checkpoint: &StreamCheckpoint,
         writes: &StateWrites,
     ) -> Result<(), CheckpointError> {
+        if let Some(mut mirror) = self.mirror.take() {
+            let mirrored = mirror.before_commit(self, checkpoint, writes);
+            self.mirror = Some(mirror);
+            mirrored.map_err(|e| self.err(e))?;
+        }
         self.commit_inner(checkpoint, writes)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every later commit goes to `mirror` first.
+    pub fn set_mirror(&mut self, mirror: Box<dyn CommitMirror>) {
+        self.mirror = Some(mirror);
+    }
+
+    /// The stream this store belongs to.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Every remembered membership of `group` (any relationship).
+    pub fn members_of(&self, group: &str) -> Result<Vec<MemberKey>, CheckpointError> {
+        self.conn
+            .prepare_cached("SELECT relationship, member_id FROM members WHERE group_id = ?1")
+            .and_then(|mut s| {
+                s.query_map([group], |r| {
+                    Ok(MemberKey {
+                        group: group.to_string(),
+                        relationship: r.get(0)?,
+                        member: r.get(1)?,
+                    })
+                })?
+                .collect()
+            })
             .map_err(|e| self.err(e))
     }
 

@@ -69,6 +69,10 @@ pub struct Config {
     /// Optional HTTP endpoint for metrics, health and status.
     #[serde(default)]
     pub http: Option<HttpConfig>,
+    /// Several instances sharing the streams through a Kafka consumer group
+    /// (see [`crate::cluster`]).
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Which Microsoft cloud the tenant lives in: decides the login and Graph
@@ -545,6 +549,9 @@ impl Config {
             ));
         }
         self.sink.validate()?;
+        if let Some(c) = &self.cluster {
+            c.validate(matches!(self.sink, SinkConfig::Kafka(_)))?;
+        }
         Ok(())
     }
 

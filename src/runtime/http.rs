@@ -194,6 +194,8 @@ struct StatusBody {
     started_at: u64,
     ready: bool,
     not_ready_reasons: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<super::status::ClusterStatus>,
     streams: Vec<StreamStatusBody>,
 }
 
@@ -215,6 +217,7 @@ async fn status_handler(State(state): State<AppState>) -> impl IntoResponse {
         started_at: state.started_at,
         ready,
         not_ready_reasons,
+        cluster: state.status.cluster(),
         streams: state
             .status
             .snapshot()

@@ -42,6 +42,9 @@ pub enum RunError {
     Http(std::io::Error),
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     Streams(Vec<StreamError>),
+    /// Cluster mode could not start or lost its group.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// How to run.
@@ -67,16 +70,7 @@ impl Prepared {
     /// opens every stream's checkpoint store.
     pub async fn new(config: &Config, options: &RunOptions) -> Result<Prepared, RunError> {
         let resolved = config.resolve()?;
-        let sink = sink::build(&config.sink)
-            .await
-            .map_err(|source| RunError::Sink {
-                kind: config.sink.kind(),
-                source,
-            })?;
-        sink.check().await.map_err(|source| RunError::Sink {
-            kind: config.sink.kind(),
-            source,
-        })?;
+        let sink = build_sink(config).await?;
         Self::with_sink(config, options, sink, resolved)
     }
 
@@ -87,24 +81,11 @@ impl Prepared {
         sink: Arc<dyn Sink>,
         resolved: Vec<crate::config::ResolvedStream>,
     ) -> Result<Prepared, RunError> {
-        // One HTTP pool and one token per tenant, shared by its streams.
-        let mut clients: HashMap<String, GraphClient> = HashMap::new();
+        let clients = graph_clients(&resolved)?;
         let mut runners = Vec::with_capacity(resolved.len());
         for r in resolved {
             let tenant = r.graph.name.clone();
-            let graph = match clients.get(&tenant) {
-                Some(c) => c.clone(),
-                None => {
-                    let http = build_http(&r.graph).map_err(|source| RunError::Graph {
-                        tenant: tenant.clone(),
-                        source,
-                    })?;
-                    let auth = Arc::new(TokenProvider::new(http.clone(), r.graph.clone()));
-                    let client = GraphClient::with_parts(http, auth, r.graph.clone());
-                    clients.insert(tenant.clone(), client.clone());
-                    client
-                }
-            };
+            let graph = clients[&tenant].clone();
             let store = Store::open(&config.checkpoint.path, &r.stream.name)?;
             let status = StatusHandle::new(&r.stream.name, &r.stream.resource, &tenant);
             options.status.register(status.clone());
@@ -118,12 +99,10 @@ impl Prepared {
                 options.shutdown.clone(),
             ));
         }
-        let mut graphs: Vec<(String, GraphClient)> = clients.into_iter().collect();
-        graphs.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Prepared {
             runners,
             sink,
-            graphs: graphs.into_iter().map(|(_, c)| c).collect(),
+            graphs: sorted_clients(clients),
         })
     }
 
@@ -151,34 +130,92 @@ impl Prepared {
     }
 }
 
+/// Builds the configured sink and checks that it is reachable.
+pub async fn build_sink(config: &Config) -> Result<Arc<dyn Sink>, RunError> {
+    let sink = sink::build(&config.sink)
+        .await
+        .map_err(|source| RunError::Sink {
+            kind: config.sink.kind(),
+            source,
+        })?;
+    sink.check().await.map_err(|source| RunError::Sink {
+        kind: config.sink.kind(),
+        source,
+    })?;
+    Ok(sink)
+}
+
+/// One Graph client (HTTP pool and token) per tenant, shared by its
+/// streams; keyed by tenant name.
+pub fn graph_clients(
+    resolved: &[crate::config::ResolvedStream],
+) -> Result<HashMap<String, GraphClient>, RunError> {
+    let mut clients: HashMap<String, GraphClient> = HashMap::new();
+    for r in resolved {
+        let tenant = r.graph.name.clone();
+        if clients.contains_key(&tenant) {
+            continue;
+        }
+        let http = build_http(&r.graph).map_err(|source| RunError::Graph {
+            tenant: tenant.clone(),
+            source,
+        })?;
+        let auth = Arc::new(TokenProvider::new(http.clone(), r.graph.clone()));
+        clients.insert(tenant, GraphClient::with_parts(http, auth, r.graph.clone()));
+    }
+    Ok(clients)
+}
+
+/// The clients in tenant-name order.
+pub fn sorted_clients(clients: HashMap<String, GraphClient>) -> Vec<GraphClient> {
+    let mut graphs: Vec<(String, GraphClient)> = clients.into_iter().collect();
+    graphs.sort_by(|a, b| a.0.cmp(&b.0));
+    graphs.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Starts the HTTP endpoint and the readiness probes, if configured; they
+/// stop when the returned guard is dropped.
+pub async fn start_ops(
+    config: &Config,
+    status: &StatusRegistry,
+    graphs: Vec<GraphClient>,
+    sink: Arc<dyn Sink>,
+) -> Result<tokio_util::sync::DropGuard, RunError> {
+    let ops = CancellationToken::new();
+    if let Some(h) = &config.http {
+        let readiness = Arc::new(http::Readiness::default());
+        http::serve(&h.listen, status.clone(), readiness.clone(), ops.clone())
+            .await
+            .map_err(RunError::Http)?;
+        tokio::spawn(http::probe_loop(
+            graphs,
+            sink,
+            status.clone(),
+            readiness,
+            h.probe_interval,
+            ops.clone(),
+        ));
+    }
+    Ok(ops.drop_guard())
+}
+
 /// Runs a connector definition (with its HTTP endpoint, if configured).
 pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
     if config.http.is_some() {
         // Install the recorder before the first metric is emitted.
         http::prometheus();
     }
-    let prepared = Prepared::new(config, &options).await?;
-    let ops = CancellationToken::new();
-    let _stop_ops = ops.clone().drop_guard();
-    if let Some(h) = &config.http {
-        let readiness = Arc::new(http::Readiness::default());
-        http::serve(
-            &h.listen,
-            options.status.clone(),
-            readiness.clone(),
-            ops.clone(),
-        )
-        .await
-        .map_err(RunError::Http)?;
-        tokio::spawn(http::probe_loop(
-            prepared.graphs.clone(),
-            prepared.sink.clone(),
-            options.status.clone(),
-            readiness,
-            h.probe_interval,
-            ops.clone(),
-        ));
+    if config.cluster.is_some() {
+        return crate::cluster::run(config, options).await;
     }
+    let prepared = Prepared::new(config, &options).await?;
+    let _stop_ops = start_ops(
+        config,
+        &options.status,
+        prepared.graphs.clone(),
+        prepared.sink.clone(),
+    )
+    .await?;
     prepared.run(options.once).await
 }
 

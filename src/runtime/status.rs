@@ -34,6 +34,18 @@ pub struct StreamStatus {
     /// Events acknowledged, by change type (`created`, `updated`, ...).
     pub events: BTreeMap<String, u64>,
     pub last_error: Option<String>,
+    /// Cluster mode: the instance that runs the stream, when it is this one
+    /// (others are listed under `cluster.members`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Cluster mode: how often this instance took the stream over (from the
+    /// state topic) since it started.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub takeovers: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Shared handle to one stream's status.
@@ -81,10 +93,35 @@ pub fn phase_name(phase: Phase) -> &'static str {
     }
 }
 
+/// Cluster mode: this instance and the group as it last saw it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterStatus {
+    pub group: String,
+    pub instance_id: String,
+    /// The streams this instance owns, by name.
+    pub owned: Vec<String>,
+    /// Rebalances this instance took part in (assignments and revocations).
+    pub rebalances: u64,
+    /// Unix seconds of the last assignment or revocation.
+    pub last_rebalance_at: Option<u64>,
+    /// Every member of the group and the streams it owns, from the group
+    /// coordinator (DescribeGroups), refreshed every few seconds; empty if
+    /// the brokers do not answer that.
+    pub members: Vec<ClusterMember>,
+}
+
+/// One instance of the group.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterMember {
+    pub instance_id: String,
+    pub streams: Vec<String>,
+}
+
 /// All streams' status.
 #[derive(Debug, Clone, Default)]
 pub struct StatusRegistry {
     streams: Arc<Mutex<Vec<StatusHandle>>>,
+    cluster: Arc<Mutex<Option<ClusterStatus>>>,
 }
 
 impl StatusRegistry {
@@ -93,6 +130,20 @@ impl StatusRegistry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(handle);
+    }
+
+    /// Changes the cluster section (creating it on first use).
+    pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
+        let mut c = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
+        f(c.get_or_insert_with(ClusterStatus::default));
+    }
+
+    /// The cluster section; `None` outside cluster mode.
+    pub fn cluster(&self) -> Option<ClusterStatus> {
+        self.cluster
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn snapshot(&self) -> Vec<StreamStatus> {

@@ -152,6 +152,12 @@ pub trait Sink: Send + Sync {
         Ok(None)
     }
 
+    /// Cluster mode: this process no longer owns `stream` (another instance
+    /// may take it over). A transactional sink forgets the stream's producer
+    /// and what it knew of its checkpoint, so that owning it again starts
+    /// afresh (fencing whoever had it meanwhile).
+    async fn release(&self, _stream: &str) {}
+
     /// Flushes and releases connections.
     async fn close(&self) {}
 }

@@ -201,6 +201,12 @@ impl Sink for KafkaSink {
         }
     }
 
+    async fn release(&self, stream: &str) {
+        if let Mode::ExactlyOnce(t) = &self.mode {
+            t.release(stream);
+        }
+    }
+
     async fn close(&self) {
         let timeout = self.config.delivery_timeout.min(Duration::from_secs(10));
         match &self.mode {

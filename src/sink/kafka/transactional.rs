@@ -232,6 +232,18 @@ impl ExactlyOnce {
     pub async fn flush(&self, timeout: Duration) {
         self.inner.flush(timeout).await
     }
+
+    /// Forgets `stream` (cluster mode: another instance owns it now). Its
+    /// producer is dropped; if the stream comes back, a new producer fences
+    /// whoever had it and the checkpoint is read back again. A batch still
+    /// holding the stream's lock keeps the old state and ends on its own.
+    pub fn release(&self, stream: &str) {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(stream);
+    }
 }
 
 impl Inner {
