@@ -381,6 +381,38 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
         counts.values().all(|&n| n == 4),
         "twelve streams over three instances: {counts:?}"
     );
+    // The group-wide view comes from DescribeGroups. tansu 0.6 answers it
+    // without member assignments (or members), so there the list stays
+    // empty; against Kafka it must match what each owner reports.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let members = loop {
+        let status = i2.status().await.unwrap();
+        let members = status["cluster"]["members"].as_array().unwrap().clone();
+        if !members.is_empty() || Instant::now() >= deadline {
+            break members;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if members.is_empty() {
+        println!(
+            "cluster.members is empty: the broker's DescribeGroups gives no assignments (tansu 0.6)"
+        );
+    }
+    for m in &members {
+        let id = m["instance_id"].as_str().unwrap();
+        let streams: BTreeSet<&str> = m["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        let owned: BTreeSet<&str> = map
+            .iter()
+            .filter(|(_, o)| o[0].instance == id)
+            .map(|(s, _)| s.as_str())
+            .collect();
+        assert_eq!(streams, owned, "{id}: the group's view matches the owner's");
+    }
     let status = i2.status().await.unwrap();
     assert_eq!(status["cluster"]["group"], setup.group.as_str());
     assert_eq!(status["cluster"]["instance_id"], "i2");

@@ -176,7 +176,10 @@ impl Member {
         cc.set("group.id", &cluster.group)
             .set("client.id", instance_id)
             .set("session.timeout.ms", session.to_string())
-            .set("heartbeat.interval.ms", (session / 3).min(3000).to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (session / 6).clamp(100, 3000).to_string(),
+            )
             // The revocation waits for the streams to drain.
             .set(
                 "max.poll.interval.ms",
@@ -274,6 +277,11 @@ fn poll_loop(
                                 .map(|a| parse_assignment(a, topic))
                                 .unwrap_or_default();
                             (m.client_id().to_string(), parts)
+                        })
+                        // Brokers that describe members without their client
+                        // id and assignment (tansu 0.6) say nothing useful.
+                        .filter(|(id, parts): &(String, Vec<i32>)| {
+                            !id.is_empty() || !parts.is_empty()
                         })
                         .collect();
                     let _ = events.send(GroupEvent::Members(members));
