@@ -429,6 +429,7 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
     i1.child.kill().unwrap();
     i1.child.wait().unwrap();
     let killed = Instant::now();
+    println!("killed i1 at {:?}", std::time::SystemTime::now());
     let survivors = [&i2, &i3];
     let map = wait_for(
         "the survivors to own the twelve streams",
@@ -452,6 +453,9 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
         failover < SESSION_TIMEOUT + Duration::from_secs(15),
         "failover took {failover:?}"
     );
+    if std::env::var("GRAPHDELTA_CLUSTER_DEBUG").is_ok() {
+        println!("{}", i2.log_grep(&["assigned", "revoked", "librdkafka", "Took"]));
+    }
     simulator.churn(&ChurnSpec::mixed(40));
     wait_for_truth(&setup, &simulator, &survivors, "after the kill").await;
 
