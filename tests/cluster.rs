@@ -454,7 +454,10 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
         "failover took {failover:?}"
     );
     if std::env::var("GRAPHDELTA_CLUSTER_DEBUG").is_ok() {
-        println!("{}", i2.log_grep(&["assigned", "revoked", "librdkafka", "Took"]));
+        println!(
+            "{}",
+            i2.log_grep(&["assigned", "revoked", "librdkafka", "Took"])
+        );
     }
     simulator.churn(&ChurnSpec::mixed(40));
     wait_for_truth(&setup, &simulator, &survivors, "after the kill").await;
