@@ -280,6 +280,18 @@ impl Coordinator {
         self.owned.insert(name.to_string(), Owned { stop, task });
     }
 
+    /// Lost streams (another member may run them already): stopped at once,
+    /// nothing more committed; what was acknowledged but not committed is
+    /// read again by the new owner.
+    fn abort(&mut self, names: &[String]) {
+        for name in names {
+            if let Some(owned) = self.owned.get(name) {
+                owned.stop.cancel();
+                owned.task.abort();
+            }
+        }
+    }
+
     /// Stops the streams, waits for their in-flight batches to be
     /// committed (bounded by the drain timeout), and lets the sink forget
     /// them.
