@@ -227,8 +227,9 @@ impl Coordinator {
                 if lost {
                     tracing::warn!(
                         ?streams,
-                        "The group considered this instance gone (session timeout); its streams may have another owner already. Stopping them."
+                        "The group considered this instance gone (session timeout); its streams may have another owner already. Stopping them without committing."
                     );
+                    self.abort(&streams);
                 }
                 self.release(&streams).await;
                 self.rebalanced();
