@@ -196,12 +196,14 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn streams_of(&self, partitions: &[i32]) -> Vec<String> {
+    /// The streams of `partitions`; with `warn`, partitions beyond the
+    /// stream list are reported.
+    fn streams_of(&self, partitions: &[i32], warn: bool) -> Vec<String> {
         partitions
             .iter()
             .filter_map(|&p| {
                 let name = self.names.get(usize::try_from(p).ok()?);
-                if name.is_none() {
+                if name.is_none() && warn {
                     tracing::warn!(partition = p, streams = self.names.len(), "The assignments topic has more partitions than this instance has streams; is another instance running a different connector file with the same group?");
                 }
                 name.cloned()
@@ -212,7 +214,7 @@ impl Coordinator {
     async fn handle(&mut self, event: GroupEvent) {
         match event {
             GroupEvent::Assigned(partitions) => {
-                let streams = self.streams_of(&partitions);
+                let streams = self.streams_of(&partitions, true);
                 for name in &streams {
                     self.acquire(name);
                 }
@@ -223,7 +225,7 @@ impl Coordinator {
                 lost,
                 done,
             } => {
-                let streams = self.streams_of(&partitions);
+                let streams = self.streams_of(&partitions, false);
                 if lost {
                     tracing::warn!(
                         ?streams,
@@ -240,7 +242,7 @@ impl Coordinator {
                     .into_iter()
                     .map(|(instance_id, partitions)| ClusterMember {
                         instance_id,
-                        streams: self.streams_of(&partitions),
+                        streams: self.streams_of(&partitions, false),
                     })
                     .collect();
                 self.status.update_cluster(|c| c.members = members);
