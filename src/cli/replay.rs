@@ -42,7 +42,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub queue: Option<String>,
     /// RabbitMQ: end the replay when no message arrived for this long (a
-    /// fallback: the normal end is the queue's message count at start).
+    /// fallback: the normal end is the stream's last offset at start); an
+    /// empty stream is recognised after this long.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 }
@@ -62,12 +63,6 @@ impl Output {
                 Err("--out needs a file: users.jsonl or sqlite:users.db".to_string())
             }
             None => Ok(Output::Jsonl(PathBuf::from(text))),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        match self {
-            Output::Jsonl(p) | Output::Sqlite(p) => p,
         }
     }
 }

@@ -46,11 +46,7 @@ pub async fn open(config: KafkaSinkConfig, topic: String) -> Result<Source, Repl
 
 fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, ReplayError> {
     let brokers = config.brokers.trim().to_string();
-    let context = |what: &str, e: KafkaError| {
-        ReplayError::Source(format!(
-            "kafka brokers {brokers}: topic `{topic}`: {what}: {e}"
-        ))
-    };
+    let context = |what: &str, e: KafkaError| source_error(&brokers, &topic, what, e);
     let mut client = config
         .consumer_config(true)
         .map_err(|e| ReplayError::Config(e.to_string()))?;
@@ -127,7 +123,7 @@ fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, Repla
                         continue;
                     }
                     Some(Err(e)) => {
-                        let _ = tx.blocking_send(Err(context("consume", e)));
+                        let _ = tx.blocking_send(Err(source_error(&brokers, &topic, "consume", e)));
                         return;
                     }
                     Some(Ok(m)) => {
@@ -160,6 +156,12 @@ fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, Repla
     Ok(source)
 }
 
+fn source_error(brokers: &str, topic: &str, what: &str, e: KafkaError) -> ReplayError {
+    ReplayError::Source(format!(
+        "kafka brokers {brokers}: topic `{topic}`: {what}: {e}"
+    ))
+}
+
 /// A record's value as the sink wrote it.
 pub fn decode(value: Option<&[u8]>, framed: bool) -> Result<Record, String> {
     let Some(mut bytes) = value else {
@@ -190,7 +192,7 @@ fn strip_confluent_framing(bytes: &[u8]) -> Result<&[u8], String> {
         return Err(bad());
     }
     let mut rest = &bytes[5..];
-    let mut varint = |rest: &mut &[u8]| -> Result<i64, String> {
+    let varint = |rest: &mut &[u8]| -> Result<i64, String> {
         let mut n: u64 = 0;
         for shift in (0..64).step_by(7) {
             let (&b, tail) = rest.split_first().ok_or_else(bad)?;

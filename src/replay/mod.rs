@@ -15,9 +15,9 @@
 //!   batch, is skipped);
 //! - **kafka**: every partition up to its high-water mark at start, read
 //!   with `read_committed` (so up to the last stable offset);
-//! - **rabbitmq**: a `stream` queue from `x-stream-offset = "first"` until
-//!   the message whose offset is the first one's plus the queue's message
-//!   count at start, less one (see [`rabbitmq`]).
+//! - **rabbitmq**: a `stream` queue from `x-stream-offset = "first"` up to
+//!   the last offset at start, found by a probe consumer at `"last"` (see
+//!   [`rabbitmq`]).
 //!
 //! [`Materializer`] and [`ReplayStore`] fold a stream's events, in order,
 //! into the current state of every object: properties merged per property
@@ -85,7 +85,8 @@ pub struct SourceOptions {
     /// queue of `[[sink.declare_queues]]`.
     pub queue: Option<String>,
     /// RabbitMQ: give up waiting for the next message after this long (a
-    /// fallback: the normal end is the message count at start).
+    /// fallback: the normal end is the last offset at start); also how long
+    /// an empty stream is waited on.
     pub idle_timeout: Duration,
 }
 

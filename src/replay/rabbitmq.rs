@@ -7,22 +7,30 @@
 //!
 //! # Where it stops
 //! A stream consumer never sees an "end": it waits for new messages. The
-//! end is fixed when the replay starts: a passive `queue.declare` returns
-//! the stream's message count `n` (RabbitMQ counts the messages from the
-//! first retained offset to the last committed one), and every message
-//! carries its offset in the `x-stream-offset` header, offsets being
-//! consecutive. The replay stops after the message at offset `first + n -
-//! 1`, where `first` is the offset of the first message delivered: exactly
-//! the messages present at start, even while the connector keeps
-//! publishing. Should that message never come (retention deleting the
-//! head while the replay runs, a count from a lagging cluster member), the
-//! replay ends when no message arrived for `--idle-timeout` and says how
-//! many of the `n` it read.
+//! end is fixed when the replay starts, from the `x-stream-offset` header
+//! every stream delivery carries (offsets are consecutive):
+//! 1. a probe consumer starting at `x-stream-offset = "last"` receives the
+//!    stream's last chunk whole; the highest offset in it is the end (read
+//!    until the deliveries pause for 300 ms, 2 s at most while a publisher
+//!    keeps appending, so the end may include what arrived meanwhile);
+//! 2. a probe at `"first"` gives the first retained offset (for the
+//!    progress bar's length);
+//! 3. the replay consumes from `"first"` and stops after the message at the
+//!    end offset: the messages present at start, however much the
+//!    connector publishes meanwhile.
 //!
-//! A queue that is not a stream would be consumed destructively by acks;
-//! the first delivery without an `x-stream-offset` header is therefore
-//! handed back (`basic.nack` with requeue) and the replay fails, having
-//! acknowledged nothing.
+//! The queue's message count from `queue.declare-ok` is no use: RabbitMQ
+//! 3.10 reports 0 for streams, and cluster members disagree (rabbitmq-server
+//! #3758). Should the end offset never arrive (retention deleting segments
+//! while the replay runs), the replay ends when no message came for
+//! `--idle-timeout`, with a warning. An empty stream is recognised the same
+//! way: the `"last"` probe gets nothing within `--idle-timeout`.
+//!
+//! A queue that is not a stream would be consumed destructively by acks.
+//! RabbitMQ refuses `x-stream-offset` on classic queues (PRECONDITION_FAILED),
+//! which is reported as such; should a queue accept it anyway, the first
+//! delivery without an `x-stream-offset` header is handed back (`basic.nack`
+//! with requeue) and the replay fails, having acknowledged nothing.
 
 use std::time::Duration;
 
@@ -72,7 +80,7 @@ pub async fn open(
         .create_channel()
         .await
         .map_err(|e| fail("opening a channel", e))?;
-    let count = match channel
+    if let Err(e) = channel
         .queue_declare(
             queue.as_str().into(),
             QueueDeclareOptions {
@@ -83,42 +91,45 @@ pub async fn open(
         )
         .await
     {
-        Ok(q) => u64::from(q.message_count()),
-        Err(e) => {
-            return Err(ReplayError::Config(format!(
-                "rabbitmq broker {broker}: queue `{queue}` cannot be read ({e}); it must exist as a stream queue: declare it with [[sink.declare_queues]] type = \"stream\" and run the connector, or name another with --queue"
-            )));
-        }
-    };
-    let description = format!("stream queue `{queue}` on {broker}");
-    let (tx, source) = Source::channel(description, Some(count));
-    if count == 0 {
-        let _ = channel.close(200, "OK".into()).await;
-        let _ = conn.close(200, "OK".into()).await;
-        return Ok(source);
+        return Err(ReplayError::Config(format!(
+            "rabbitmq broker {broker}: queue `{queue}` cannot be read ({e}); it must exist as a stream queue: declare it with [[sink.declare_queues]] type = \"stream\" and run the connector, or name another with --queue"
+        )));
     }
+    let probe = Probe {
+        conn: &conn,
+        queue: &queue,
+        broker: &broker,
+        idle: options.idle_timeout,
+    };
+    let Some(end) = probe.offset("last").await? else {
+        // Nothing arrived within the idle timeout: an empty stream.
+        let _ = conn.close(200, "OK".into()).await;
+        let (_, source) = Source::channel(
+            format!("stream queue `{queue}` on {broker} (empty)"),
+            Some(0),
+        );
+        return Ok(source);
+    };
+    let first = probe.offset("first").await?.unwrap_or(0);
+    let description = format!("stream queue `{queue}` on {broker} (offsets {first}..={end})");
+    let (tx, source) = Source::channel(description, Some((end - first + 1).max(0) as u64));
     channel
         .basic_qos(PREFETCH, BasicQosOptions::default())
         .await
         .map_err(|e| fail("basic.qos", e))?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString("first".into()),
-    );
     let consumer = channel
         .basic_consume(
             queue.as_str().into(),
             "graphdelta-replay".into(),
             BasicConsumeOptions::default(),
-            args,
+            offset_argument("first"),
         )
         .await
         .map_err(|e| fail("basic.consume", e))?;
     let reader = Reader {
         queue,
         broker,
-        count,
+        end,
         idle: options.idle_timeout,
     };
     tokio::spawn(async move {
@@ -132,10 +143,108 @@ pub async fn open(
     Ok(source)
 }
 
+/// `x-stream-offset = <offset>` as consumer arguments.
+fn offset_argument(offset: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString(offset.into()),
+    );
+    args
+}
+
+/// A short-lived consumer that finds where the stream begins or ends.
+struct Probe<'a> {
+    conn: &'a lapin::Connection,
+    queue: &'a str,
+    broker: &'a str,
+    idle: Duration,
+}
+
+impl Probe<'_> {
+    /// `"first"`: the offset of the first message. `"last"`: the highest
+    /// offset of the last chunk (RabbitMQ delivers that chunk whole when
+    /// a consumer starts at `last`): read until the deliveries pause for
+    /// [`QUIET`], or for [`PROBE_MAX`] at most while a publisher keeps
+    /// appending. `None`: no message within the idle timeout.
+    async fn offset(&self, at: &str) -> Result<Option<i64>, ReplayError> {
+        let fail = |what: &str, e: lapin::Error| {
+            ReplayError::Source(format!(
+                "rabbitmq broker {}: queue `{}`: {what}: {e}",
+                self.broker, self.queue
+            ))
+        };
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| fail("opening a channel", e))?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(|e| fail("basic.qos", e))?;
+        let mut consumer = channel
+            .basic_consume(
+                self.queue.into(),
+                format!("graphdelta-replay-probe-{at}").as_str().into(),
+                BasicConsumeOptions::default(),
+                offset_argument(at),
+            )
+            .await
+            .map_err(|e| {
+                // Classic and quorum queues refuse the argument outright.
+                if e.to_string().contains("x-stream-offset") {
+                    not_a_stream(self.broker, self.queue)
+                } else {
+                    fail("basic.consume", e)
+                }
+            })?;
+        let started = tokio::time::Instant::now();
+        let mut found: Option<i64> = None;
+        let outcome = loop {
+            let wait = if found.is_some() { QUIET } else { self.idle };
+            let delivery = match tokio::time::timeout(wait, consumer.next()).await {
+                Err(_) | Ok(None) => break Ok(found),
+                Ok(Some(Err(e))) => break Err(fail("probing the stream", e)),
+                Ok(Some(Ok(d))) => d,
+            };
+            let Some(offset) = stream_offset(&delivery.properties) else {
+                let _ = delivery
+                    .acker
+                    .nack(lapin::options::BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    })
+                    .await;
+                break Err(not_a_stream(self.broker, self.queue));
+            };
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            found = Some(found.map_or(offset, |f| f.max(offset)));
+            if at == "first" || started.elapsed() > PROBE_MAX {
+                break Ok(found);
+            }
+        };
+        let _ = channel.close(200, "OK".into()).await;
+        outcome
+    }
+}
+
+/// A pause in the deliveries of the last chunk that ends the probe.
+const QUIET: Duration = Duration::from_millis(300);
+/// The longest a probe for the last offset reads.
+const PROBE_MAX: Duration = Duration::from_secs(2);
+
+fn not_a_stream(broker: &str, queue: &str) -> ReplayError {
+    ReplayError::Config(format!(
+        "rabbitmq broker {broker}: queue `{queue}` is not a stream queue (its messages carry no x-stream-offset): replay reads only stream queues, which reading does not consume; nothing was acknowledged"
+    ))
+}
+
 struct Reader {
     queue: String,
     broker: String,
-    count: u64,
+    /// The last offset to read (found by the probe).
+    end: i64,
     idle: Duration,
 }
 
@@ -145,7 +254,6 @@ impl Reader {
         mut consumer: lapin::Consumer,
         tx: &tokio::sync::mpsc::Sender<Result<Record, ReplayError>>,
     ) -> Result<(), ReplayError> {
-        let mut first: Option<i64> = None;
         let mut read = 0u64;
         loop {
             let next = tokio::time::timeout(self.idle, consumer.next()).await;
@@ -154,16 +262,16 @@ impl Reader {
                     tracing::warn!(
                         queue = %self.queue,
                         read,
-                        expected = self.count,
-                        "No message for {}; ending the replay with fewer messages than the queue held at start (retention may have removed the oldest).",
+                        end = self.end,
+                        "No message for {}; ending the replay before the last offset seen at start (retention may have removed the oldest).",
                         humantime::format_duration(self.idle)
                     );
                     return Ok(());
                 }
                 Ok(None) => {
                     return Err(ReplayError::Source(format!(
-                        "rabbitmq broker {}: queue `{}`: the consumer was cancelled after {read} of {} messages",
-                        self.broker, self.queue, self.count
+                        "rabbitmq broker {}: queue `{}`: the consumer was cancelled after {read} messages",
+                        self.broker, self.queue
                     )));
                 }
                 Ok(Some(Err(e))) => {
@@ -183,14 +291,10 @@ impl Reader {
                         requeue: true,
                     })
                     .await;
-                return Err(ReplayError::Config(format!(
-                    "rabbitmq broker {}: queue `{}` is not a stream queue (its messages carry no x-stream-offset): replay reads only stream queues, which reading does not consume; nothing was acknowledged",
-                    self.broker, self.queue
-                )));
+                return Err(not_a_stream(&self.broker, &self.queue));
             };
-            let first = *first.get_or_insert(offset);
             read += 1;
-            let last = offset >= first + self.count as i64 - 1;
+            let last = offset >= self.end;
             if last || read % ACK_EVERY == 0 {
                 delivery
                     .acker
@@ -224,7 +328,12 @@ impl Reader {
 
 /// The `x-stream-offset` header of a stream delivery.
 fn stream_offset(properties: &lapin::BasicProperties) -> Option<i64> {
-    match properties.headers().as_ref()?.inner().get("x-stream-offset")? {
+    match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-stream-offset")?
+    {
         AMQPValue::LongLongInt(v) => Some(*v),
         AMQPValue::LongInt(v) => Some(i64::from(*v)),
         AMQPValue::LongUInt(v) => Some(i64::from(*v)),
@@ -281,6 +390,11 @@ mod tests {
         let two = config(
             "[[declare_queues]]\nname = \"a\"\ntype = \"stream\"\n[[declare_queues]]\nname = \"b\"\ntype = \"stream\"",
         );
-        assert!(choose_queue(&two, None).unwrap_err().to_string().contains("--queue"));
+        assert!(
+            choose_queue(&two, None)
+                .unwrap_err()
+                .to_string()
+                .contains("--queue")
+        );
     }
 }

@@ -103,11 +103,13 @@ impl ReplayStore {
         // The output is written to a side file and renamed only when
         // complete, so a crash never leaves a half state under the final
         // name: no rollback journal is needed.
+        conn.pragma_update(None, "journal_mode", "OFF")
+            .and_then(|()| conn.pragma_update(None, "synchronous", "OFF"))
+            // A small page cache: memory must not grow with the tenant.
+            .and_then(|()| conn.pragma_update(None, "cache_size", -16384))
+            .map_err(|e| store_err(path.as_deref(), e))?;
         conn.execute_batch(
-            "PRAGMA journal_mode = OFF;
-             PRAGMA synchronous = OFF;
-             PRAGMA cache_size = -16384;
-             CREATE TABLE IF NOT EXISTS objects (
+            "CREATE TABLE IF NOT EXISTS objects (
                  id TEXT PRIMARY KEY, object_type TEXT NOT NULL, deleted INTEGER NOT NULL,
                  version INTEGER NOT NULL, properties TEXT NOT NULL) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS members (
@@ -363,69 +365,67 @@ impl ReplayStore {
         only: Option<&str>,
         mut f: impl FnMut(String, Materialized),
     ) -> Result<(), ReplayError> {
-        let filter = if only.is_some() { "WHERE id = ?1" } else { "" };
-        let member_filter = if only.is_some() {
-            "WHERE object_id = ?1"
-        } else {
-            ""
+        self.scan_inner(only, &mut f).map_err(|e| self.err(e))
+    }
+
+    fn scan_inner(
+        &self,
+        only: Option<&str>,
+        f: &mut dyn FnMut(String, Materialized),
+    ) -> rusqlite::Result<()> {
+        let (filter, member_filter) = match only {
+            Some(_) => ("WHERE id = ?1", "WHERE object_id = ?1"),
+            None => ("", ""),
         };
-        let run = || -> rusqlite::Result<()> {
-            let mut objects = self.conn.prepare(&format!(
-                "SELECT id, object_type, deleted, version, properties FROM objects {filter} ORDER BY id"
-            ))?;
-            let mut members = self.conn.prepare(&format!(
-                "SELECT object_id, relationship, member_id FROM members {member_filter}
-                 ORDER BY object_id, relationship, member_id"
-            ))?;
-            let args: Vec<&dyn rusqlite::ToSql> = match &only {
-                Some(id) => vec![id as &dyn rusqlite::ToSql],
-                None => vec![],
+        let mut objects = self.conn.prepare(&format!(
+            "SELECT id, object_type, deleted, version, properties FROM objects {filter} ORDER BY id"
+        ))?;
+        let mut members = self.conn.prepare(&format!(
+            "SELECT object_id, relationship, member_id FROM members {member_filter}
+             ORDER BY object_id, relationship, member_id"
+        ))?;
+        let args: Vec<&dyn rusqlite::ToSql> = match &only {
+            Some(id) => vec![id as &dyn rusqlite::ToSql],
+            None => vec![],
+        };
+        let mut rows = objects.query(args.as_slice())?;
+        let mut member_rows = members.query(args.as_slice())?;
+        let mut member = next_member(&mut member_rows)?;
+        while let Some(row) = rows.next()? {
+            let id: String = row.get(0)?;
+            let text: String = row.get(4)?;
+            let properties = serde_json::from_str(&text)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let mut object = Materialized {
+                object_type: row.get(1)?,
+                status: if row.get::<_, bool>(2)? {
+                    ObjectStatus::SoftDeleted
+                } else {
+                    ObjectStatus::Live
+                },
+                version: row.get::<_, i64>(3)? as u64,
+                properties,
+                members: BTreeMap::new(),
             };
-            let mut rows = objects.query(args.as_slice())?;
-            let mut member_rows = members.query(args.as_slice())?;
-            let mut next_member = |rows: &mut rusqlite::Rows<'_>| -> rusqlite::Result<Option<(String, String, String)>> {
-                rows.next()?
-                    .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .transpose()
-            };
-            let mut member = next_member(&mut member_rows)?;
-            while let Some(row) = rows.next()? {
-                let id: String = row.get(0)?;
-                let text: String = row.get(4)?;
-                let properties = serde_json::from_str(&text)
-                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                let mut object = Materialized {
-                    object_type: row.get(1)?,
-                    status: if row.get::<_, bool>(2)? {
-                        ObjectStatus::SoftDeleted
-                    } else {
-                        ObjectStatus::Live
-                    },
-                    version: row.get::<_, i64>(3)? as u64,
-                    properties,
-                    members: BTreeMap::new(),
-                };
-                // Both scans are in id order: members of objects before this
-                // one cannot exist (they are deleted with their object).
-                while let Some((group, relationship, member_id)) = member.take() {
-                    if group.as_str() > id.as_str() {
-                        member = Some((group, relationship, member_id));
-                        break;
-                    }
-                    if group == id {
-                        object
-                            .members
-                            .entry(relationship)
-                            .or_default()
-                            .insert(member_id);
-                    }
-                    member = next_member(&mut member_rows)?;
+            // Both scans are in id order, and members never outlive their
+            // object (they are deleted with it).
+            while let Some((group, relationship, member_id)) = member.take() {
+                if group.as_str() > id.as_str() {
+                    member = Some((group, relationship, member_id));
+                    break;
                 }
-                f(id, object);
+                if group == id {
+                    object
+                        .members
+                        .entry(relationship)
+                        .or_default()
+                        .insert(member_id);
+                }
+                member = next_member(&mut member_rows)?;
             }
-            Ok(())
-        };
-        run().map_err(|e| self.err(e))
+            f(id, object);
+        }
+        Ok(())
     }
 
     /// Writes the state as JSON lines (one object per line, in id order) to
@@ -498,6 +498,15 @@ pub fn parse_jsonl_line(line: &str) -> Result<(String, Materialized), serde_json
     ))
 }
 
+/// The next (object id, relationship, member id) of a members scan.
+fn next_member(
+    rows: &mut rusqlite::Rows<'_>,
+) -> rusqlite::Result<Option<(String, String, String)>> {
+    rows.next()?
+        .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .transpose()
+}
+
 fn store_err(path: Option<&Path>, e: rusqlite::Error) -> ReplayError {
     ReplayError::Store {
         path: path
@@ -508,7 +517,7 @@ fn store_err(path: Option<&Path>, e: rusqlite::Error) -> ReplayError {
 }
 
 /// Removes a SQLite database and its side files, if present.
-pub(crate) fn remove_database(path: &Path) -> Result<(), ReplayError> {
+pub fn remove_database(path: &Path) -> Result<(), ReplayError> {
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let p = PathBuf::from(format!("{}{suffix}", path.display()));
         match std::fs::remove_file(&p) {
@@ -578,23 +587,57 @@ mod tests {
     fn folds_like_the_materializer() {
         use ChangeType::*;
         let events = vec![
-            event("g", Created, 1, json!({"displayName": "G", "description": "d"}), &[("u1", true), ("u2", true)]),
-            event("g", Updated, 2, json!({"description": null}), &[("u1", false)]),
-            event("s", Created, 1, json!({"displayName": "S"}), &[("u9", true)]),
+            event(
+                "g",
+                Created,
+                1,
+                json!({"displayName": "G", "description": "d"}),
+                &[("u1", true), ("u2", true)],
+            ),
+            event(
+                "g",
+                Updated,
+                2,
+                json!({"description": null}),
+                &[("u1", false)],
+            ),
+            event(
+                "s",
+                Created,
+                1,
+                json!({"displayName": "S"}),
+                &[("u9", true)],
+            ),
             event("s", SoftDeleted, 2, json!({}), &[]),
             event("r", Created, 1, json!({"displayName": "R"}), &[]),
             event("r", SoftDeleted, 2, json!({}), &[]),
             event("r", Restored, 3, json!({"displayName": "R2"}), &[]),
-            event("h", Created, 1, json!({"displayName": "H"}), &[("u1", true)]),
+            event(
+                "h",
+                Created,
+                1,
+                json!({"displayName": "H"}),
+                &[("u1", true)],
+            ),
             event("h", HardDeleted, 2, json!({}), &[]),
             // Re-created after a hard delete: a new lifecycle.
-            event("k", Created, 1, json!({"displayName": "K", "x": 1}), &[("u3", true)]),
+            event(
+                "k",
+                Created,
+                1,
+                json!({"displayName": "K", "x": 1}),
+                &[("u3", true)],
+            ),
             event("k", HardDeleted, 2, json!({}), &[]),
             event("k", Created, 3, json!({"displayName": "K2"}), &[]),
         ];
         let mut store = ReplayStore::temporary().unwrap();
         let mut memory = Materializer::new();
-        for e in events.iter().chain(events.iter()).chain(events[3..7].iter()) {
+        for e in events
+            .iter()
+            .chain(events.iter())
+            .chain(events[3..7].iter())
+        {
             store.apply(e).unwrap();
             memory.apply(e);
         }
@@ -609,12 +652,21 @@ mod tests {
             .collect();
         assert_eq!(folded, want);
         let g = store.object("g").unwrap().unwrap();
-        assert_eq!(g.properties, json!({"displayName": "G"}).as_object().unwrap().clone());
+        assert_eq!(
+            g.properties,
+            json!({"displayName": "G"}).as_object().unwrap().clone()
+        );
         assert_eq!(g.members["members"], BTreeSet::from(["u2".to_string()]));
-        assert_eq!(store.object("s").unwrap().unwrap().status, ObjectStatus::SoftDeleted);
+        assert_eq!(
+            store.object("s").unwrap().unwrap().status,
+            ObjectStatus::SoftDeleted
+        );
         assert!(store.object("h").unwrap().is_none());
         let k = store.object("k").unwrap().unwrap();
-        assert_eq!(k.properties, json!({"displayName": "K2"}).as_object().unwrap().clone());
+        assert_eq!(
+            k.properties,
+            json!({"displayName": "K2"}).as_object().unwrap().clone()
+        );
         assert!(k.members.is_empty());
         assert_eq!(store.object_count().unwrap(), (4, 1));
 

@@ -125,7 +125,7 @@ fn compare_objects(
             return;
         }
         report.objects += 1;
-        let step = || -> Result<(), ReplayError> {
+        let mut step = || -> Result<(), ReplayError> {
             while let Some(r) = pending.as_ref().filter(|r| r.id.as_str() < id) {
                 extra(report, r);
                 pending = next()?;
@@ -385,7 +385,13 @@ mod tests {
             },
             None,
         );
-        w.objects.insert("g4".into(), Some(ObjectState { version: 1, ..Default::default() }));
+        w.objects.insert(
+            "g4".into(),
+            Some(ObjectState {
+                version: 1,
+                ..Default::default()
+            }),
+        );
         memory.commit(&StreamCheckpoint::default(), &w).unwrap();
         let report = verify(&replayed, &memory).unwrap();
         assert!(!report.agrees());
@@ -396,7 +402,10 @@ mod tests {
             report.examples
         );
         assert!(
-            report.examples.iter().any(|l| l.contains("g1") && l.contains("displayName")),
+            report
+                .examples
+                .iter()
+                .any(|l| l.contains("g1") && l.contains("displayName")),
             "{:?}",
             report.examples
         );
