@@ -9,12 +9,12 @@
 //!
 //! A reader per sink turns what that sink wrote back into [`Record`]s and
 //! hands them over one [`Source`] (a bounded channel: a reader never runs
-//! further ahead than the fold). Each reader stops at a fixed end taken
-//! when it starts, so a replay of a live topic terminates:
+//! further ahead than the fold). Where each reader stops:
 //! - **file**: the end of the file (a torn last line, an unacknowledged
 //!   batch, is skipped);
-//! - **kafka**: every partition up to its high-water mark at start, read
-//!   with `read_committed` (so up to the last stable offset);
+//! - **kafka**: every partition to its end of partition, read with
+//!   `read_committed` (so up to the last stable offset; see [`kafka`] for
+//!   why not the high-water marks taken at start);
 //! - **rabbitmq**: a `stream` queue from `x-stream-offset = "first"` up to
 //!   the last offset at start, found by a probe consumer at `"last"` (see
 //!   [`rabbitmq`]).
