@@ -519,3 +519,120 @@ async fn a_rabbitmq_stream_queue_replays_into_the_truth() {
     .expect("the message is back in the classic queue");
     handle.shutdown().await;
 }
+
+/// Peak RSS (VmHWM, KiB) of a child process, polled until it exits.
+fn run_measured(args: &[&str]) -> (i32, String, u64, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_graphdelta"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the graphdelta binary runs");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path) {
+            if let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let elapsed = started.elapsed();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    (status.code().unwrap_or(-1), stdout, peak_kib, elapsed)
+}
+
+/// The replay's memory does not grow with the number of events: a tenant
+/// replayed at two sizes, the peak RSS compared. The bounded form uses 2 000
+/// and 16 000 users; `GRAPHDELTA_REPLAY_SCALE_USERS=200000` sets the larger
+/// size for a long run. Prints the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_memory_does_not_grow_with_the_topic() {
+    let large: usize = std::env::var("GRAPHDELTA_REPLAY_SCALE_USERS")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .expect("GRAPHDELTA_REPLAY_SCALE_USERS is a number")
+        })
+        .unwrap_or(16_000);
+    let mut peaks = Vec::new();
+    for users in [2_000, large] {
+        let (simulator, handle) = start_simulator(SimConfig {
+            users,
+            groups: users / 100,
+            members_per_group: 20,
+            page_size: 500,
+            seed: 26,
+            ..SimConfig::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let text = connector_text(&handle, dir.path(), &file_sink(dir.path()));
+        let path = dir.path().join("connector.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = parse(&text);
+        run_once(&config).await;
+        for _ in 0..3 {
+            simulator.churn(&ChurnSpec::mixed(users / 10));
+            run_once(&config).await;
+        }
+        let out = dir.path().join("users.db");
+        let (code, stdout, peak_kib, elapsed) = tokio::task::spawn_blocking({
+            let path = path.clone();
+            let out = out.clone();
+            move || {
+                run_measured(&[
+                    "replay",
+                    "--config",
+                    path.to_str().unwrap(),
+                    "--stream",
+                    "users",
+                    "--out",
+                    &format!("sqlite:{}", out.display()),
+                    "--verify",
+                ])
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{stdout}");
+        let db = ReplayStore::open(&out).unwrap();
+        let events = db.stats().events;
+        let diffs = compare(
+            "scale users",
+            &state(&db),
+            &simulator.truth().users,
+            USER_SELECT,
+        );
+        assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+        println!(
+            "replay of {users} users: {events} events in {:.2}s ({:.0} events/s), peak RSS {:.1} MiB",
+            elapsed.as_secs_f64(),
+            events as f64 / elapsed.as_secs_f64(),
+            peak_kib as f64 / 1024.0
+        );
+        peaks.push((users, events, peak_kib));
+        handle.shutdown().await;
+    }
+    let (small, large) = (peaks[0], peaks[1]);
+    // 8x the events may not cost more than a few MiB: the state lives in
+    // SQLite pages (16 MiB cache), the reader hands over a bounded channel.
+    assert!(
+        large.2 < small.2 + 24 * 1024,
+        "peak RSS grew from {} KiB ({} events) to {} KiB ({} events)",
+        small.2,
+        small.1,
+        large.2,
+        large.1
+    );
+}
