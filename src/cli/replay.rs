@@ -119,6 +119,10 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         tokio::task::spawn_blocking(move || {
             let result = replay::fold(&mut source, &mut store, &stream, |n| {
                 if let Some(b) = &bar {
+                    // The expected count is an estimate (Kafka watermarks).
+                    if b.length().is_some_and(|len| n > len) {
+                        b.set_length(n);
+                    }
                     b.set_position(n);
                 }
             });
