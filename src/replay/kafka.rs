@@ -7,23 +7,24 @@
 //! subscribed: no consumer group, no offsets committed, nothing another
 //! consumer would notice.
 //!
-//! A partition is finished at librdkafka's end-of-partition event: the
-//! fetch position reached the end the broker reports in its fetch
-//! responses. The high-water marks from `ListOffsets` taken at start only
-//! size the progress bar: tansu 0.6 (the broker of the tests) answers
+//! A partition is finished at its high-water mark taken when the replay
+//! starts (`ListOffsets`; for a `read_committed` consumer librdkafka asks
+//! for the last stable offset), so a replay of a busy topic ends; or at
+//! librdkafka's end-of-partition event, whichever comes first. The
+//! high-water mark is trusted only if the first fetch of the partition
+//! reports no higher one: tansu 0.6 (the broker of the tests) answers
 //! `ListOffsets` with numbers that do not match the offsets its fetches
-//! return (1 for a partition holding 100 records), and stopping there
-//! would lose records. Records appended while the replay runs are folded
-//! until their partition reaches its end; a connector publishing faster
-//! than the replay reads would keep it going (stop the connector for a
-//! bounded replay; it is never a correctness problem).
+//! return (1 for a partition holding 100 records), and stopping there would
+//! lose records. An untrusted partition is read to its end of partition,
+//! so records appended while the replay runs may be folded too (never a
+//! correctness problem; stop the connector for a fixed end).
 //!
 //! Values are decoded as the sink wrote them (`sink.wire_format`): the bare
 //! `ChangeEvent` protobuf, or behind the Confluent framing (magic byte 0,
 //! 4-byte schema id, message-index list). A null value is a tombstone.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -79,8 +80,9 @@ fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, Repla
             )));
         }
     };
-    // Every partition is read to its end of partition; the watermarks at
-    // start only size the progress bar (see the module docs for why).
+    // The end of each partition at start (see the module docs for when it
+    // is trusted).
+    let mut ends: HashMap<i32, i64> = HashMap::new();
     let mut total = 0u64;
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
@@ -88,6 +90,7 @@ fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, Repla
             .fetch_watermarks(&topic, p, timeout)
             .map_err(|e| context(&format!("partition {p} watermarks"), e))?;
         total += high.saturating_sub(low).max(0) as u64;
+        ends.insert(p, high);
         tpl.add_partition_offset(&topic, p, Offset::Beginning)
             .map_err(|e| context("assign", e))?;
     }
@@ -104,6 +107,7 @@ fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, Repla
         .name("replay-kafka".into())
         .spawn(move || {
             let mut last_progress = Instant::now();
+            let mut trusted: HashMap<i32, bool> = HashMap::new();
             while !left.is_empty() {
                 let record = match consumer.poll(Duration::from_millis(500)) {
                     None => {
@@ -134,6 +138,19 @@ fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, Repla
                             // Appended after this partition's end was reached.
                             continue;
                         }
+                        let end = ends.get(&p).copied().unwrap_or(i64::MAX);
+                        let trusted = *trusted.entry(p).or_insert_with(|| {
+                            fetched_high_watermark(&consumer, &topic, p)
+                                .is_some_and(|fetched| fetched <= end)
+                        });
+                        if trusted && m.offset() >= end {
+                            // Appended after the replay started.
+                            left.remove(&p);
+                            continue;
+                        }
+                        if trusted && m.offset() + 1 >= end {
+                            left.remove(&p);
+                        }
                         decode(m.payload(), framed).map_err(|why| {
                             ReplayError::Decode(format!(
                                 "topic `{topic}` partition {p} offset {}: {why}",
@@ -150,6 +167,33 @@ fn open_blocking(config: KafkaSinkConfig, topic: String) -> Result<Source, Repla
         })
         .map_err(|e| ReplayError::Source(format!("cannot start the kafka reader: {e}")))?;
     Ok(source)
+}
+
+/// The high-water mark of `partition` as the last fetch response reported
+/// it (librdkafka's cached value; no request is made). rust-rdkafka does
+/// not wrap `rd_kafka_get_watermark_offsets`, hence the direct call.
+fn fetched_high_watermark(
+    consumer: &BaseConsumer<SinkContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle is valid while `consumer` lives, the topic
+    // is a NUL-terminated string that outlives the call, and the two out
+    // pointers are valid i64s; the function only reads librdkafka's cached
+    // partition state.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 fn source_error(brokers: &str, topic: &str, what: &str, e: KafkaError) -> ReplayError {

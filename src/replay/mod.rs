@@ -12,9 +12,9 @@
 //! further ahead than the fold). Where each reader stops:
 //! - **file**: the end of the file (a torn last line, an unacknowledged
 //!   batch, is skipped);
-//! - **kafka**: every partition to its end of partition, read with
-//!   `read_committed` (so up to the last stable offset; see [`kafka`] for
-//!   why not the high-water marks taken at start);
+//! - **kafka**: every partition to its high-water mark (last stable
+//!   offset) at start, read with `read_committed`; or to its end of
+//!   partition where the broker's offsets disagree (see [`kafka`]);
 //! - **rabbitmq**: a `stream` queue from `x-stream-offset = "first"` up to
 //!   the last offset at start, found by a probe consumer at `"last"` (see
 //!   [`rabbitmq`]).
