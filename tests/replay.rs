@@ -636,3 +636,93 @@ async fn replay_memory_does_not_grow_with_the_topic() {
         large.1
     );
 }
+
+/// Where the broker's offsets are consistent (librdkafka's mock cluster,
+/// like Apache Kafka), a partition ends at its high-water mark taken at
+/// start: records appended while the replay runs are not read. (tansu's
+/// `ListOffsets` lags its fetches, so the tests against it exercise the
+/// end-of-partition path.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_replay_stops_at_the_high_water_mark_taken_at_start() {
+    use graphdelta::{
+        normalize::memory::StateWrites,
+        proto::v1::ChangeType,
+        sink::{Sink, kafka::KafkaSink},
+    };
+    use kafka_support::{checkpoint, event, out_batch, sink_config};
+    use rdkafka::{mocking::MockCluster, producer::DefaultProducerContext};
+
+    let topic = rand_name("gd-replay-mock");
+    let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
+    mock.create_topic(&topic, 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let sink = KafkaSink::new(&sink_config(&brokers, &format!("topic = \"{topic}\""))).unwrap();
+    let batch = |from: usize, n: usize| -> Vec<graphdelta::proto::v1::ChangeEvent> {
+        (from..from + n)
+            .map(|i| event("users", &format!("u{i:05}"), ChangeType::Created, 1))
+            .collect()
+    };
+    let writes = StateWrites::default();
+    // More than the reader buffers ahead of the fold, so that it is still
+    // reading when the next records arrive.
+    let before = batch(0, 5_000);
+    let cp = checkpoint("users", 1);
+    sink.publish(out_batch("users", 1, &before, &cp, &writes))
+        .await
+        .unwrap();
+
+    set_secret_for_parse();
+    let config = parse(&format!(
+        r#"
+[graph]
+tenant_id = "contoso.onmicrosoft.com"
+client_id = "x"
+client_secret_env = "{}"
+
+[[streams]]
+name = "users"
+resource = "users"
+
+[sink]
+type = "kafka"
+brokers = "{brokers}"
+topic = "{topic}"
+
+# Small fetches: the reader must still be fetching when records arrive.
+[sink.properties]
+"max.partition.fetch.bytes" = 4096
+"queued.min.messages" = 1
+"#,
+        kafka_support::SECRET_ENV
+    ));
+    let mut source = replay::open_source(&config, "users", &SourceOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(source.total, Some(5_000));
+    let first = source.next().await.unwrap().unwrap();
+    assert!(matches!(first, replay::Record::Event(_)));
+    // Appended after the replay started.
+    let after = batch(5_000, 500);
+    let cp = checkpoint("users", 2);
+    sink.publish(out_batch("users", 2, &after, &cp, &writes))
+        .await
+        .unwrap();
+    let mut read = 1;
+    while let Some(record) = source.next().await {
+        let replay::Record::Event(e) = record.unwrap() else {
+            panic!("no tombstones were written")
+        };
+        assert!(
+            e.object_id.as_str() < "u05000",
+            "{} was appended later",
+            e.object_id
+        );
+        read += 1;
+    }
+    assert_eq!(read, 5_000);
+}
+
+fn set_secret_for_parse() {
+    // SAFETY: every test sets the same value.
+    unsafe { std::env::set_var(kafka_support::SECRET_ENV, "simulator-secret") };
+}
