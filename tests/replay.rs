@@ -726,3 +726,79 @@ fn set_secret_for_parse() {
     // SAFETY: every test sets the same value.
     unsafe { std::env::set_var(kafka_support::SECRET_ENV, "simulator-secret") };
 }
+
+/// Exactly-once on librdkafka's mock cluster (it has transactions; tansu
+/// has not): the store is one batch behind the checkpoint topic, as after a
+/// crash between the two commits. `--verify` checks against a copy of the
+/// store rolled forward the way the connector's next start does it, and
+/// leaves the store alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_rolls_a_copy_of_the_store_forward_to_the_exactly_once_checkpoint() {
+    use rdkafka::{mocking::MockCluster, producer::DefaultProducerContext};
+
+    let prefix = rand_name("gd-replay-eos");
+    let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
+    for t in ["users", "groups", "checkpoints"] {
+        mock.create_topic(&format!("{prefix}.{t}"), 1, 1).unwrap();
+    }
+    let brokers = mock.bootstrap_servers();
+    let (simulator, handle) = start_simulator(SimConfig {
+        page_size: 500,
+        ..small_tenant(27)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!(
+        "[sink]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{prefix}.{{stream}}\"\nexactly_once = true\ncheckpoint_topic = \"{prefix}.checkpoints\"\ntransactional_id_prefix = \"{prefix}-\"\ncreate_topics = false\ndelivery_timeout = \"2s\"\nstartup_timeout = \"1s\""
+    );
+    let text = connector_text(&handle, dir.path(), &sink);
+    let path = dir.path().join("connector.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = parse(&text);
+    let state_dir = dir.path().join("state");
+    let saved = dir.path().join("saved-state");
+    let seq = || kafka_support::committed_seq(dir.path(), "users").unwrap();
+
+    run_once(&config).await;
+    copy_dir(&state_dir, &saved);
+    let before = seq();
+    simulator.churn(&ChurnSpec::mixed(20));
+    run_once(&config).await;
+    assert_eq!(seq(), before + 1, "the round is one batch");
+    // The store loses its last commit; the checkpoint topic keeps it.
+    roll_back(&state_dir, &saved);
+    let store_file = graphdelta::checkpoint::store_path(&state_dir, "users");
+    let untouched = std::fs::read(&store_file).unwrap();
+
+    let store = rebuild(&config, "users", &SourceOptions::default()).await;
+    let memory = Store::open_read_only(&state_dir, "users").unwrap().unwrap();
+    assert!(
+        !replay::verify(&store, &memory).unwrap().agrees(),
+        "the store one batch behind must differ from the topic"
+    );
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        graphdelta(&[
+            "replay",
+            "--config",
+            path.to_str().unwrap(),
+            "--stream",
+            "users",
+            "--verify",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains(&format!("checkpoint topic is at batch {}", before + 1)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("users: verified:"), "{stdout}");
+    assert_eq!(
+        std::fs::read(&store_file).unwrap(),
+        untouched,
+        "the store was modified"
+    );
+    assert_eq!(seq(), before);
+    handle.shutdown().await;
+}

@@ -12,12 +12,19 @@
 //! batch published but not yet committed (at-least-once, after a crash)
 //! shows up as a difference until the connector commits it again.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use serde_json::{Map, Value};
 
 use super::{ReplayError, ReplayStore};
-use crate::{checkpoint::Store, normalize::hash, proto::v1::ObjectState};
+use crate::{
+    checkpoint::{Store, store_path},
+    normalize::{hash, memory::StateWrites},
+    proto::v1::{CheckpointRecord, ObjectState},
+};
 
 /// Differences printed in full; beyond, only counted.
 const EXAMPLES: usize = 50;
@@ -318,6 +325,76 @@ fn compare_members(
         }
     }
     Ok(())
+}
+
+/// A copy of a stream's checkpoint store with the batch only the Kafka
+/// checkpoint topic has (exactly-once: a crash between the two commits),
+/// applied as the connector applies it on its next start. The copy lives
+/// in a private temporary directory, removed when this is dropped; the
+/// store itself is not touched.
+pub struct RolledForward {
+    pub store: Store,
+    /// The batch the copy was rolled forward to.
+    pub batch_seq: u64,
+    /// The batch the store itself is at.
+    pub store_batch_seq: u64,
+    // Dropped after `store` (fields drop in order).
+    _dir: TempDir,
+}
+
+/// A private temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Rolls a copy of the store in `dir` forward to `record` if the record is
+/// ahead of it; `None` if it is not (nothing to do).
+pub fn roll_forward(
+    dir: &Path,
+    stream: &str,
+    store: &Store,
+    record: CheckpointRecord,
+) -> Result<Option<RolledForward>, ReplayError> {
+    let store_batch_seq = store.load_checkpoint()?.map_or(0, |c| c.batch_seq);
+    let Some(checkpoint) = record.checkpoint.filter(|c| c.batch_seq > store_batch_seq) else {
+        return Ok(None);
+    };
+    let copy_dir = std::env::temp_dir().join(format!(
+        "graphdelta-verify-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        ReplayError::Output(format!("{what} `{}`: {e}", p.display()))
+    };
+    std::fs::create_dir(&copy_dir).map_err(|e| io("cannot create", &copy_dir, e))?;
+    // Removes the directory on every path from here on.
+    let guard = TempDir(copy_dir);
+    let original = store_path(dir, stream);
+    let target = store_path(&guard.0, stream);
+    for suffix in ["", "-wal"] {
+        let from = PathBuf::from(format!("{}{suffix}", original.display()));
+        if from.exists() {
+            let to = PathBuf::from(format!("{}{suffix}", target.display()));
+            std::fs::copy(&from, &to).map_err(|e| io("cannot copy", &from, e))?;
+        }
+    }
+    let mut copy = Store::open(&guard.0, stream)?;
+    copy.commit(
+        &checkpoint,
+        &StateWrites::from_proto(record.state.unwrap_or_default()),
+    )?;
+    let rolled = RolledForward {
+        store: copy,
+        batch_seq: checkpoint.batch_seq,
+        store_batch_seq,
+        _dir: guard,
+    };
+    Ok(Some(rolled))
 }
 
 #[cfg(test)]
