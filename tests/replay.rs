@@ -468,8 +468,20 @@ async fn a_rabbitmq_stream_queue_replays_into_the_truth() {
     let config = parse(&connector_text(&handle, dir.path(), &sink));
     let options = SourceOptions::default();
     churn_and_check(&simulator, &config, &options, 3).await;
+    // An at-least-once restart: the last round published twice.
+    let state_dir = dir.path().join("state");
+    let saved = dir.path().join("saved-state");
+    copy_dir(&state_dir, &saved);
+    simulator.churn(&ChurnSpec::mixed(80));
+    run_once(&config).await;
+    roll_back(&state_dir, &saved);
+    run_once(&config).await;
     let (users, groups) =
         assert_replay_matches(&config, &options, &simulator.truth(), "rabbitmq final").await;
+    assert!(
+        users.duplicates + groups.duplicates > 0,
+        "the repeated round left no duplicates"
+    );
     // One queue holds both streams, and the replay read all of it.
     assert_eq!(users.other_streams, groups.events);
     assert_eq!(groups.other_streams, users.events);
