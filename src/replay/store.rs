@@ -4,7 +4,7 @@
 //!
 //! `replay --out sqlite:FILE` leaves this database behind; `--out FILE.jsonl`
 //! folds into a private temporary database and writes it out as lines. The
-//! folding rule is [`super::materialize::transition`], shared with the
+//! folding rule is `materialize::transition`, shared with the
 //! in-memory [`super::Materializer`].
 //!
 //! # Schema (the `sqlite:` output)
