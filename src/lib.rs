@@ -28,6 +28,10 @@
 //!   and its memory of objects; one transaction per batch.
 //! - [`runtime`]: one task per stream; pipelines fetch, normalize and publish
 //!   and commits each batch's checkpoint in order, only after its ack.
+//! - [`replay`]: the way back: reads what a sink holds (file, Kafka topic,
+//!   RabbitMQ stream queue), folds it into each object's current state in
+//!   SQLite, and checks that state against the checkpoint store
+//!   (`graphdelta replay`).
 //! - [`simulator`]: a synthetic Entra ID tenant that speaks the delta protocol,
 //!   used by `graphdelta demo`, the tests and the benchmark.
 //! - [`proto`]: the generated `graphdelta.v1` types and descriptor set.

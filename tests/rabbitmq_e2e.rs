@@ -458,10 +458,23 @@ async fn unroutable_events_leave_the_checkpoint_where_it_was_until_a_queue_is_bo
         "the checkpoint moved on"
     );
     let second = drain(&admin, &queue, total(&round2), Duration::from_secs(20)).await;
+    // Attempts while nothing was bound left no copies. The one attempt in
+    // flight when the binding came back may have been routed in part (its
+    // first messages unroutable, its last ones delivered): it is retried
+    // whole, so up to one batch (40 objects and their member changes)
+    // arrives twice, with the same event ids.
+    let unique: std::collections::HashSet<&str> =
+        second.iter().map(|r| r.event.event_id.as_str()).collect();
     assert_eq!(
-        second.len(),
+        unique.len(),
         total(&round2),
-        "the unroutable attempts left no copies"
+        "every committed event arrived"
+    );
+    assert!(
+        second.len() - unique.len() <= 200,
+        "more than one batch of copies: {} received, {} distinct",
+        second.len(),
+        unique.len()
     );
     let mut all = first;
     all.extend(second);
@@ -477,9 +490,10 @@ async fn closing_the_connection_during_a_full_round_loses_nothing() {
         users: 25_000,
         groups: 30,
         page_size: 200,
-        // At least 125 pages × 30 ms: long enough to close the connection
-        // twice, short enough that publishing never pauses for long.
-        page_latency: Duration::from_millis(30),
+        // At least 125 pages × 80 ms = 10 s: long enough to close the
+        // connection twice (each `rabbitmqctl` call takes a second or more
+        // on a busy machine), short enough to keep the suite quick.
+        page_latency: Duration::from_millis(80),
         ..Default::default()
     })
     .await;

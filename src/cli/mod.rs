@@ -5,6 +5,7 @@ pub mod bench;
 pub mod demo;
 pub mod logging;
 pub mod progress;
+pub mod replay;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -99,6 +100,9 @@ pub enum Command {
         #[arg(long)]
         stream: String,
     },
+    /// Rebuild a stream's state from its sink (Kafka topic, RabbitMQ stream
+    /// queue or file) and write it out or verify it against the checkpoint.
+    Replay(replay::ReplayArgs),
     /// Write the event schema's protobuf descriptor set.
     Schema {
         /// Output file (default: stdout).
@@ -126,6 +130,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
         Command::Schema { out } => schema(out),
         Command::Resnapshot { config, stream } => resnapshot(config, &stream).await,
         Command::Probe { url, timeout } => probe(&url, timeout).await,
+        Command::Replay(args) => replay::replay(args).await,
     };
     match result {
         Ok(code) => code,

@@ -42,6 +42,11 @@ pub struct ReplayStats {
     pub applied: u64,
     /// Events skipped as duplicates or older than the state.
     pub duplicates: u64,
+    /// Kafka tombstones (null-value records) read; they carry nothing the
+    /// `HARD_DELETED` event before them did not.
+    pub tombstones: u64,
+    /// Records of other streams sharing the topic, queue or file, skipped.
+    pub other_streams: u64,
 }
 
 /// The state of one stream, rebuilt from its events.
@@ -84,35 +89,14 @@ impl Materializer {
             .as_ref()
             .map(struct_to_json)
             .unwrap_or_default();
-        match change {
-            ChangeType::Created => {
-                // A new lifecycle: nothing from before carries over.
-                entry.properties.clear();
-                entry.members.clear();
-                entry.status = ObjectStatus::Live;
-                merge(&mut entry.properties, properties);
-            }
-            ChangeType::Updated | ChangeType::Restored | ChangeType::Unspecified => {
-                if entry.status == ObjectStatus::HardDeleted {
-                    entry.properties.clear();
-                    entry.members.clear();
-                }
-                entry.status = ObjectStatus::Live;
-                merge(&mut entry.properties, properties);
-            }
-            ChangeType::SoftDeleted => {
-                if entry.status == ObjectStatus::HardDeleted {
-                    entry.properties.clear();
-                    entry.members.clear();
-                }
-                entry.status = ObjectStatus::SoftDeleted;
-                merge(&mut entry.properties, properties);
-            }
-            ChangeType::HardDeleted => {
-                entry.status = ObjectStatus::HardDeleted;
-                entry.properties.clear();
-                entry.members.clear();
-            }
+        let step = transition(entry.status, change);
+        entry.status = step.status;
+        if step.reset {
+            entry.properties.clear();
+            entry.members.clear();
+        }
+        if step.status != ObjectStatus::HardDeleted {
+            merge(&mut entry.properties, properties);
         }
         if entry.status != ObjectStatus::HardDeleted {
             for m in &event.member_changes {
@@ -150,7 +134,53 @@ impl Materializer {
     }
 }
 
-fn merge(into: &mut Map<String, Value>, from: Map<String, Value>) {
+/// A state built elsewhere (a replay's output store), for comparisons.
+impl FromIterator<(String, Materialized)> for Materializer {
+    fn from_iter<I: IntoIterator<Item = (String, Materialized)>>(iter: I) -> Self {
+        Self {
+            objects: iter.into_iter().collect(),
+            stats: ReplayStats::default(),
+        }
+    }
+}
+
+/// What an event does to an object, given where the object stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Transition {
+    /// Where the object stands afterwards.
+    pub status: ObjectStatus,
+    /// The event starts a new lifecycle (or ends one): properties and
+    /// memberships from before do not carry over.
+    pub reset: bool,
+}
+
+/// The one folding rule, shared by [`Materializer`] and the SQLite store
+/// (`super::store`). An object never seen stands as `HardDeleted`.
+pub(crate) fn transition(current: ObjectStatus, change: ChangeType) -> Transition {
+    let gone = current == ObjectStatus::HardDeleted;
+    match change {
+        // A new lifecycle: nothing from before carries over.
+        ChangeType::Created => Transition {
+            status: ObjectStatus::Live,
+            reset: true,
+        },
+        ChangeType::Updated | ChangeType::Restored | ChangeType::Unspecified => Transition {
+            status: ObjectStatus::Live,
+            reset: gone,
+        },
+        ChangeType::SoftDeleted => Transition {
+            status: ObjectStatus::SoftDeleted,
+            reset: gone,
+        },
+        ChangeType::HardDeleted => Transition {
+            status: ObjectStatus::HardDeleted,
+            reset: true,
+        },
+    }
+}
+
+/// Per-property merge: a value replaces, an explicit null clears.
+pub(crate) fn merge(into: &mut Map<String, Value>, from: Map<String, Value>) {
     for (k, v) in from {
         if v.is_null() {
             into.remove(&k);

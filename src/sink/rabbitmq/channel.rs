@@ -274,7 +274,7 @@ impl Connector {
         }
     }
 
-    async fn connect(&self) -> Result<Connection, SinkError> {
+    pub(crate) async fn connect(&self) -> Result<Connection, SinkError> {
         let s = &self.settings;
         let properties = ConnectionProperties::default()
             .with_connection_name(s.connection_name.clone().into())

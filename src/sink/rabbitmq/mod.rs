@@ -226,7 +226,7 @@ impl RabbitMqSink {
 }
 
 /// The broker URL from `url`, `url_env` or `url_file`.
-fn resolve_url(config: &RabbitMqSinkConfig) -> Result<String, SinkError> {
+pub(crate) fn resolve_url(config: &RabbitMqSinkConfig) -> Result<String, SinkError> {
     if let Some(url) = &config.url {
         return Ok(url.expose().to_string());
     }
