@@ -379,7 +379,8 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
     .await;
     let counts = per_instance(&map);
     println!(
-        "assigned and caught up in {:.1}s: {counts:?}",
+        "{users} users, {} groups per tenant; assigned and caught up in {:.1}s: {counts:?}",
+        simulator.truth().groups.len(),
         started.elapsed().as_secs_f64()
     );
     assert_eq!(counts.len(), 3, "every instance owns streams: {counts:?}");
