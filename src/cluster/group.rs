@@ -301,7 +301,7 @@ fn poll_loop(
 }
 
 /// The partitions of `topic` in a `ConsumerProtocolAssignment` (version,
-/// [topic, [partition]], user data), as DescribeGroups returns it.
+/// `[topic, [partition]]`, user data), as DescribeGroups returns it.
 pub fn parse_assignment(bytes: &[u8], topic: &str) -> Vec<i32> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if b.len() < n {
