@@ -219,6 +219,31 @@ async fn ownership(instances: &[&Instance]) -> Option<BTreeMap<String, Vec<Owned
     Some(map)
 }
 
+/// `inst`'s `cluster.members` names the owners in `map`, stream by stream.
+async fn group_view_matches(inst: &Instance, map: &BTreeMap<String, Vec<Owned>>) -> bool {
+    let Some(status) = inst.status().await else {
+        return false;
+    };
+    let mut view: BTreeMap<String, String> = BTreeMap::new();
+    for m in status["cluster"]["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for s in m["streams"].as_array().into_iter().flatten() {
+            view.insert(
+                s.as_str().unwrap_or_default().to_string(),
+                m["instance_id"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+    }
+    let want: BTreeMap<String, String> = map
+        .iter()
+        .map(|(s, o)| (s.clone(), o[0].instance.clone()))
+        .collect();
+    view == want
+}
+
 /// Every stream has exactly one owner among `instances`, and (with
 /// `caught_up`) has completed a round since it was taken over.
 fn one_owner_each(map: &BTreeMap<String, Vec<Owned>>, caught_up: bool) -> bool {
@@ -388,38 +413,14 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
         counts.values().all(|&n| n == 4),
         "twelve streams over three instances: {counts:?}"
     );
-    // The group-wide view comes from DescribeGroups. tansu 0.6 answers it
-    // without member assignments (or members), so there the list stays
-    // empty; against Kafka it must match what each owner reports.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let members = loop {
-        let status = i2.status().await.unwrap();
-        let members = status["cluster"]["members"].as_array().unwrap().clone();
-        if !members.is_empty() || Instant::now() >= deadline {
-            break members;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    if members.is_empty() {
-        println!(
-            "cluster.members is empty: the broker's DescribeGroups gives no assignments (tansu 0.6)"
-        );
-    }
-    for m in &members {
-        let id = m["instance_id"].as_str().unwrap();
-        let streams: BTreeSet<&str> = m["streams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap())
-            .collect();
-        let owned: BTreeSet<&str> = map
-            .iter()
-            .filter(|(_, o)| o[0].instance == id)
-            .map(|(s, _)| s.as_str())
-            .collect();
-        assert_eq!(streams, owned, "{id}: the group's view matches the owner's");
-    }
+    // Any instance's /status shows the whole group.
+    wait_for(
+        "i3's /status to show every instance's streams",
+        Duration::from_secs(20),
+        &three,
+        async || group_view_matches(&i3, &map).await.then_some(()),
+    )
+    .await;
     let status = i2.status().await.unwrap();
     assert_eq!(status["cluster"]["group"], setup.group.as_str());
     assert_eq!(status["cluster"]["instance_id"], "i2");
@@ -460,6 +461,13 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
         failover < SESSION_TIMEOUT + Duration::from_secs(25),
         "failover took {failover:?}"
     );
+    wait_for(
+        "i2's /status to show the new owners",
+        Duration::from_secs(20),
+        &survivors,
+        async || group_view_matches(&i2, &map).await.then_some(()),
+    )
+    .await;
     if std::env::var("GRAPHDELTA_CLUSTER_DEBUG").is_ok() {
         println!(
             "{}",
@@ -491,6 +499,13 @@ async fn three_instances_share_twelve_streams_survive_a_kill_and_rebalance_on_jo
         "rebalance after join: {:.1}s; now {counts:?}",
         joined.elapsed().as_secs_f64()
     );
+    wait_for(
+        "i4's /status to show every instance's streams",
+        Duration::from_secs(20),
+        &all,
+        async || group_view_matches(&i4, &map).await.then_some(()),
+    )
+    .await;
     assert!(counts.values().all(|&n| n >= 2), "balanced: {counts:?}");
     // Streams that kept their owner and were never stopped: with eager
     // rebalancing there would be none. (cooperative-sticky may still move a

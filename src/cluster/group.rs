@@ -24,7 +24,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc as std_mpsc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rdkafka::{
@@ -53,8 +53,6 @@ pub enum GroupEvent {
         lost: bool,
         done: std_mpsc::SyncSender<()>,
     },
-    /// The group's view: which client id holds which partitions.
-    Members(Vec<(String, Vec<i32>)>),
     /// A rebalance failed; librdkafka retries by itself.
     Error(String),
 }
@@ -194,7 +192,7 @@ impl Member {
             .set("auto.offset.reset", "latest");
         let (tx, rx) = mpsc::unbounded_channel();
         let context = GroupContext {
-            events: tx.clone(),
+            events: tx,
             topic: topic.clone(),
             revoke_wait,
         };
@@ -211,12 +209,11 @@ impl Member {
             ))
         })?;
         let stop = Arc::new(AtomicBool::new(false));
-        let group = cluster.group.clone();
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("graphdelta-group".to_string())
-                .spawn(move || poll_loop(consumer, &group, &topic, &stop, &tx))
+                .spawn(move || poll_loop(consumer, &stop))
                 .map_err(|e| SinkError::Permanent(format!("cluster: cannot start a thread: {e}")))?
         };
         Ok((
@@ -246,119 +243,17 @@ fn protocol(consumer: &BaseConsumer<GroupContext>) -> &'static str {
     }
 }
 
-fn poll_loop(
-    consumer: BaseConsumer<GroupContext>,
-    group: &str,
-    topic: &str,
-    stop: &AtomicBool,
-    events: &mpsc::UnboundedSender<GroupEvent>,
-) {
-    let mut next_describe = Instant::now();
-    let mut describe_failed = false;
+fn poll_loop(consumer: BaseConsumer<GroupContext>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        // The topic holds no records: polling serves the group protocol
-        // (rebalance callbacks) and librdkafka's events.
+        // The topic's records are not read here (its partitions are
+        // paused): polling serves the group protocol (rebalance callbacks)
+        // and librdkafka's events.
         if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
             tracing::warn!(error = %e, "Group consumer error.");
-        }
-        if Instant::now() >= next_describe {
-            next_describe = Instant::now() + Duration::from_secs(2);
-            match consumer.fetch_group_list(Some(group), Duration::from_secs(2)) {
-                Ok(list) => {
-                    describe_failed = false;
-                    let members = list
-                        .groups()
-                        .iter()
-                        .filter(|g| g.name() == group)
-                        .flat_map(|g| g.members())
-                        .map(|m| {
-                            let parts = m
-                                .assignment()
-                                .map(|a| parse_assignment(a, topic))
-                                .unwrap_or_default();
-                            (m.client_id().to_string(), parts)
-                        })
-                        // Brokers that describe members without their client
-                        // id and assignment (tansu 0.6) say nothing useful.
-                        .filter(|(id, parts): &(String, Vec<i32>)| {
-                            !id.is_empty() || !parts.is_empty()
-                        })
-                        .collect();
-                    let _ = events.send(GroupEvent::Members(members));
-                }
-                Err(e) if !describe_failed => {
-                    describe_failed = true;
-                    tracing::warn!(error = %e, "Cannot describe the group (DescribeGroups); /status shows only this instance's streams.");
-                }
-                Err(_) => {}
-            }
         }
     }
     tracing::info!("Leaving the group.");
     // Dropping the consumer closes it: the last revocation runs (the
     // coordinator has stopped every stream by now) and it leaves the group.
     drop(consumer);
-}
-
-/// The partitions of `topic` in a `ConsumerProtocolAssignment` (version,
-/// `[topic, [partition]]`, user data), as DescribeGroups returns it.
-pub fn parse_assignment(bytes: &[u8], topic: &str) -> Vec<i32> {
-    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        if b.len() < n {
-            return None;
-        }
-        let (head, rest) = b.split_at(n);
-        *b = rest;
-        Some(head)
-    }
-    fn i16_(b: &mut &[u8]) -> Option<i16> {
-        take(b, 2).map(|s| i16::from_be_bytes([s[0], s[1]]))
-    }
-    fn i32_(b: &mut &[u8]) -> Option<i32> {
-        take(b, 4).map(|s| i32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-    }
-    let mut b = bytes;
-    let mut out = Vec::new();
-    let parse = |b: &mut &[u8], out: &mut Vec<i32>| -> Option<()> {
-        i16_(b)?;
-        let topics = i32_(b)?;
-        for _ in 0..topics.max(0) {
-            let len = i16_(b)?;
-            let name = take(b, len.max(0) as usize)?;
-            let n = i32_(b)?;
-            for _ in 0..n.max(0) {
-                let p = i32_(b)?;
-                if name == topic.as_bytes() {
-                    out.push(p);
-                }
-            }
-        }
-        Some(())
-    };
-    let _ = parse(&mut b, &mut out);
-    out.sort_unstable();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_assignment_is_parsed() {
-        let mut b = Vec::new();
-        b.extend(1i16.to_be_bytes());
-        b.extend(2i32.to_be_bytes());
-        for (t, ps) in [("other", vec![0i32]), ("g.assignments", vec![3, 1])] {
-            b.extend((t.len() as i16).to_be_bytes());
-            b.extend(t.as_bytes());
-            b.extend((ps.len() as i32).to_be_bytes());
-            for p in ps {
-                b.extend(p.to_be_bytes());
-            }
-        }
-        b.extend((-1i32).to_be_bytes());
-        assert_eq!(parse_assignment(&b, "g.assignments"), vec![1, 3]);
-        assert!(parse_assignment(&b[..5], "g.assignments").is_empty());
-    }
 }

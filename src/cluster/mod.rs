@@ -34,6 +34,7 @@
 
 pub mod config;
 pub mod group;
+pub mod owners;
 pub mod state;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -53,8 +54,7 @@ use crate::{
     graph::GraphClient,
     retry::Policy,
     runtime::{
-        self, RunError, RunOptions, StatusHandle, StatusRegistry, StreamRunner,
-        status::{ClusterMember, unix_now},
+        self, RunError, RunOptions, StatusHandle, StatusRegistry, StreamRunner, status::unix_now,
     },
     sink::{Sink, SinkConfig, kafka::config::KafkaSinkConfig},
 };
@@ -81,6 +81,7 @@ struct Shared {
     state_topic: String,
     state_partitions: i32,
     instance_id: String,
+    claims: owners::Claims,
 }
 
 /// Runs this instance as a member of the cluster until shutdown.
@@ -133,6 +134,11 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
     )
     .await?;
 
+    let assignments_topic = cluster.assignments_topic();
+    let claims = owners::Claims::new(kafka, &assignments_topic, &names, &instance_id)
+        .map_err(RunError::Cluster)?;
+    let stop_watching = owners::watch(kafka, &assignments_topic, &names, options.status.clone())
+        .map_err(RunError::Cluster)?;
     let shared = Arc::new(Shared {
         kafka: (**kafka).clone(),
         sink: sink.clone(),
@@ -141,6 +147,7 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
         state_topic: cluster.state_topic(),
         state_partitions,
         instance_id: instance_id.clone(),
+        claims,
     });
     // A revocation may wait for every owned stream to drain.
     let revoke_wait = config.runtime.drain_timeout + Duration::from_secs(10);
@@ -163,12 +170,21 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
         status: options.status.clone(),
         shutdown: options.shutdown.clone(),
     };
+    // Claims are repeated now and then: a member the broker dropped from a
+    // generation without telling it (it never saw a revocation) keeps its
+    // streams, and its claim must win over the release another member wrote
+    // meanwhile.
+    let mut reclaim = tokio::time::interval(Duration::from_secs(15));
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(e) => coordinator.handle(e).await,
+                Some(e) => {
+                    coordinator.handle(e).await;
+                    coordinator.announce_owned().await;
+                }
                 None => break,
             },
+            _ = reclaim.tick() => coordinator.announce_owned().await,
             _ = options.shutdown.cancelled() => break,
         }
     }
@@ -177,10 +193,11 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<(), RunError> {
         "Stopping: draining owned streams before leaving the group."
     );
     let all: Vec<String> = coordinator.owned.keys().cloned().collect();
-    coordinator.release(&all).await;
+    coordinator.release(&all, false).await;
     // Revocations during the close find nothing to stop.
     drop(events);
     member.stop().await;
+    stop_watching.store(true, std::sync::atomic::Ordering::Relaxed);
     sink.close().await;
     Ok(())
 }
@@ -233,23 +250,20 @@ impl Coordinator {
                     );
                     self.abort(&streams);
                 }
-                self.release(&streams).await;
+                self.release(&streams, lost).await;
                 self.rebalanced();
                 let _ = done.send(());
-            }
-            GroupEvent::Members(members) => {
-                let members = members
-                    .into_iter()
-                    .map(|(instance_id, partitions)| ClusterMember {
-                        instance_id,
-                        streams: self.streams_of(&partitions, false),
-                    })
-                    .collect();
-                self.status.update_cluster(|c| c.members = members);
             }
             GroupEvent::Error(e) => {
                 tracing::warn!(error = %e, "Rebalance error; the group retries.");
             }
+        }
+    }
+
+    /// Claims every stream this instance runs (see [`owners`]).
+    async fn announce_owned(&self) {
+        for name in self.owned.keys() {
+            self.shared.claims.announce(name, true).await;
         }
     }
 
@@ -298,7 +312,9 @@ impl Coordinator {
     /// Stops the streams, waits for their in-flight batches to be
     /// committed (bounded by the drain timeout), and lets the sink forget
     /// them.
-    async fn release(&mut self, names: &[String]) {
+    /// Unless `lost`, the release is announced (a lost stream's next owner
+    /// announces itself).
+    async fn release(&mut self, names: &[String], lost: bool) {
         let mut stopping = Vec::new();
         for name in names {
             if let Some(owned) = self.owned.remove(name) {
@@ -313,6 +329,9 @@ impl Coordinator {
                 task.abort();
             }
             self.shared.sink.release(&name).await;
+            if !lost {
+                self.shared.claims.announce(&name, false).await;
+            }
             if let Some(slot) = self.slots.get(&name) {
                 slot.status.update(|s| {
                     s.owner = None;
@@ -350,6 +369,7 @@ async fn own_stream(
             // owner).
             Ok(_) if stop.is_cancelled() => return,
             Ok(store) => {
+                shared.claims.announce(&name, true).await;
                 let runner = StreamRunner::new(
                     resolved.clone(),
                     graph.clone(),
