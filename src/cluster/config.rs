@@ -30,7 +30,8 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub instance_id: Option<String>,
     /// The topic whose partitions the group divides: partition *i* is the
-    /// *i*-th stream by name. It holds no records. Default: `<group>.assignments`.
+    /// *i*-th stream by name. Its only records are the owners' claims (who
+    /// runs which stream, for `/status`). Default: `<group>.assignments`.
     #[serde(default)]
     pub assignments_topic: Option<String>,
     /// The compacted topic holding each stream's checkpoint and memory, so

@@ -1,7 +1,8 @@
 //! Membership of the Kafka consumer group that divides the streams.
 //!
 //! One `BaseConsumer` subscribes to the assignments topic (one partition
-//! per stream, no records) on a thread of its own. librdkafka's group
+//! per stream; its records, the owners' claims, are read by [`super::owners`],
+//! not here) on a thread of its own. librdkafka's group
 //! protocol (JoinGroup/SyncGroup/Heartbeat, with a client-side assignor)
 //! decides which member owns which partition; this module only turns its
 //! rebalance callbacks into [`GroupEvent`]s for the coordinator:

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! - **Assignment** ([`group`]): the assignments topic has one partition
-//!   per configured stream (created, or grown, on start) and no records.
+//!   per configured stream (created, or grown, on start); its only records
+//!   are the owners' claims that feed `/status` ([`owners`]).
 //!   Every instance subscribes to it in the group; the group protocol gives
 //!   each partition to exactly one live member, and the instance runs the
 //!   streams of the partitions it holds. `cooperative-sticky` (default)

@@ -104,9 +104,8 @@ pub struct ClusterStatus {
     pub rebalances: u64,
     /// Unix seconds of the last assignment or revocation.
     pub last_rebalance_at: Option<u64>,
-    /// Every member of the group and the streams it owns, from the group
-    /// coordinator (DescribeGroups), refreshed every few seconds; empty if
-    /// the brokers do not answer that.
+    /// Every instance of the group and the streams it owns, from the
+    /// owners' claims in the assignments topic (`cluster::owners`).
     pub members: Vec<ClusterMember>,
 }
 
