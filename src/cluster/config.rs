@@ -41,7 +41,8 @@ pub struct ClusterConfig {
     pub state_topic: Option<String>,
     /// Partitions of the state topic when it is created (a stream's records
     /// all go to one partition, chosen by a hash of its name). Default: the
-    /// number of streams.
+    /// number of streams. Never change an existing topic's partition count:
+    /// streams would look for their state in another partition.
     #[serde(default)]
     pub state_partitions: Option<i32>,
     /// The group's session timeout: an instance that stops heartbeating
