@@ -297,6 +297,10 @@ pub struct RuntimeConfig {
     /// are still committed strictly in order.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_batches: usize,
+    /// ... and at most this many bytes of Graph pages (per stream; one batch
+    /// is always allowed): memory stays bounded whatever the page size.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
     /// Acknowledged batches are committed together at least this often (and
     /// at the end of every round). Longer: fewer checkpoint writes; a crash
     /// re-reads (and re-publishes, with the same event ids) at most this
@@ -321,6 +325,9 @@ const fn default_prefetch_pages() -> usize {
 const fn default_max_in_flight() -> usize {
     16
 }
+const fn default_max_in_flight_bytes() -> usize {
+    4 << 20
+}
 const fn default_checkpoint_interval() -> Duration {
     Duration::from_secs(1)
 }
@@ -339,6 +346,7 @@ impl Default for RuntimeConfig {
         Self {
             prefetch_pages: default_prefetch_pages(),
             max_in_flight_batches: default_max_in_flight(),
+            max_in_flight_bytes: default_max_in_flight_bytes(),
             checkpoint_interval: default_checkpoint_interval(),
             retry_min: default_retry_min(),
             retry_max: default_retry_max(),
@@ -543,9 +551,12 @@ impl Config {
                 )));
             }
         }
-        if self.runtime.max_in_flight_batches == 0 || self.runtime.prefetch_pages == 0 {
+        if self.runtime.max_in_flight_batches == 0
+            || self.runtime.max_in_flight_bytes == 0
+            || self.runtime.prefetch_pages == 0
+        {
             return Err(invalid(
-                "runtime.max_in_flight_batches and runtime.prefetch_pages must be at least 1",
+                "runtime.max_in_flight_batches, runtime.max_in_flight_bytes and runtime.prefetch_pages must be at least 1",
             ));
         }
         self.sink.validate()?;
