@@ -20,7 +20,7 @@
 //! - [`normalize`]: turns each object of a page into a [`proto::v1::ChangeEvent`]
 //!   by comparing it with what the connector remembers ([`normalize::memory`]):
 //!   created, updated (exact changed properties), soft/hard deleted, restored,
-//!   member changes. Its output is a [`normalize::Batch`]: the events plus the
+//!   member changes. Its output is a [`normalize::Normalized`]: the events plus the
 //!   memory updates that become durable together with the checkpoint.
 //! - [`sink`]: where events leave for a broker. [`sink::Sink::publish`] returns
 //!   only once every message of the batch is acknowledged.
