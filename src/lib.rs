@@ -30,10 +30,13 @@
 //!   and commits each batch's checkpoint in order, only after its ack.
 //! - [`simulator`]: a synthetic Entra ID tenant that speaks the delta protocol,
 //!   used by `graphdelta demo`, the tests and the benchmark.
+//! - [`failpoint`]: crash points for the fault suite, inert unless
+//!   `GRAPHDELTA_FAILPOINT` names one.
 //! - [`proto`]: the generated `graphdelta.v1` types and descriptor set.
 
 pub mod checkpoint;
 pub mod config;
+pub mod failpoint;
 pub mod graph;
 pub mod normalize;
 pub mod proto;

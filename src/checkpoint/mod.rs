@@ -431,6 +431,7 @@ impl Store {
             tx.prepare_cached("INSERT OR REPLACE INTO checkpoint (stream, data) VALUES (?1, ?2)")?
                 .execute(params![self.stream, checkpoint.encode_to_vec()])?;
         }
+        crate::failpoint::hit("committing");
         tx.commit()
     }
 

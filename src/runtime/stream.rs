@@ -632,6 +632,7 @@ impl StreamRunner {
                 Some((batch, result, took)) = in_flight.next(), if !in_flight.is_empty() => {
                     match result {
                         Ok(()) => {
+                            crate::failpoint::hit("acked");
                             metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.kind()).record(took.as_secs_f64());
                             self.stage(staged, batch);
                             if staged.batches >= MAX_STAGED_BATCHES
@@ -744,7 +745,10 @@ impl StreamRunner {
         loop {
             let result = sink_publish(&*self.sink, self.name(), batch).await;
             match result {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    crate::failpoint::hit("acked");
+                    return Ok(true);
+                }
                 Err(e) if e.is_retriable() => {
                     metrics::counter!(m::SINK_ERRORS, "sink" => self.sink.kind(), "outcome" => "retriable").increment(1);
                     let wait = policy.delay(attempt);
@@ -1039,6 +1043,7 @@ async fn fetch_loop(
         };
         match result {
             Ok(page) => {
+                crate::failpoint::hit("fetched");
                 let next = match &page.link {
                     crate::graph::page::PageLink::Next(n) => Some(n.clone()),
                     crate::graph::page::PageLink::Delta(_) => None,

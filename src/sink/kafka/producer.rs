@@ -209,6 +209,7 @@ pub async fn produce_all(
         }
     }
     enqueued();
+    crate::failpoint::hit("mid_publish");
     let rest = join_all(
         pending
             .into_iter()
