@@ -114,13 +114,19 @@ fn every_config_error_names_the_key_and_the_fix() {
     let cases: &[(&str, String, &[&str])] = &[
         (
             "unknown key",
-            MINIMAL.replace("resource = \"users\"", "resource = \"users\"\npol_interval = \"5s\""),
+            MINIMAL.replace(
+                "resource = \"users\"",
+                "resource = \"users\"\npol_interval = \"5s\"",
+            ),
             &["pol_interval", "poll_interval"],
         ),
         (
             "bad duration",
-            MINIMAL.replace("resource = \"users\"", "resource = \"users\"\npoll_interval = \"5 parsecs\""),
-            &["poll_interval", "5 parsecs"],
+            MINIMAL.replace(
+                "resource = \"users\"",
+                "resource = \"users\"\npoll_interval = \"5 parsecs\"",
+            ),
+            &["poll_interval", "5 parsecs", "\"30s\""],
         ),
         (
             "missing secret",
@@ -142,12 +148,18 @@ fn every_config_error_names_the_key_and_the_fix() {
         ),
         (
             "invalid URL",
-            MINIMAL.replace("[graph]", "[graph]\nbase_url = \"https//graph.microsoft.com\""),
+            MINIMAL.replace(
+                "[graph]",
+                "[graph]\nbase_url = \"https//graph.microsoft.com\"",
+            ),
             &["base_url"],
         ),
         (
             "plain http off loopback",
-            MINIMAL.replace("[graph]", "[graph]\nbase_url = \"http://graph.example.com/v1.0\""),
+            MINIMAL.replace(
+                "[graph]",
+                "[graph]\nbase_url = \"http://graph.example.com/v1.0\"",
+            ),
             &["base_url", "https"],
         ),
     ];
@@ -169,8 +181,14 @@ fn every_config_error_names_the_key_and_the_fix() {
         for w in *words {
             assert!(msg.contains(w), "{what}: the message lacks `{w}`: {msg}");
         }
-        assert!(!msg.contains("hunter2-in-the-file"), "{what}: echoes the secret: {msg}");
-        assert!(!msg.contains("s3cret-value"), "{what}: echoes the secret: {msg}");
+        assert!(
+            !msg.contains("hunter2-in-the-file"),
+            "{what}: echoes the secret: {msg}"
+        );
+        assert!(
+            !msg.contains("s3cret-value"),
+            "{what}: echoes the secret: {msg}"
+        );
         report.push(format!("{what}: {}", msg.trim()));
     }
     eprintln!("{}", report.join("\n"));

@@ -143,8 +143,7 @@ impl Target {
             Target::RabbitMq { queue, .. } => {
                 let (_conn, channel) = rabbitmq_util::admin().await;
                 let n = rabbitmq_util::depth(&channel, queue).await as usize;
-                let got =
-                    rabbitmq_util::drain(&channel, queue, n, Duration::from_secs(120)).await;
+                let got = rabbitmq_util::drain(&channel, queue, n, Duration::from_secs(120)).await;
                 assert!(got.len() >= n, "read {} of {n} messages", got.len());
                 got.into_iter().map(|r| r.event).collect()
             }
@@ -621,9 +620,11 @@ async fn outage_suite(mut run: Run, switch: &common::Switch) {
     switch.set(true);
     let back = Instant::now();
     let before = acked_events(&base).await.unwrap();
-    poll("the stream to resume", Duration::from_secs(60), async || {
-        acked_events(&base).await.filter(|n| *n > before)
-    })
+    poll(
+        "the stream to resume",
+        Duration::from_secs(60),
+        async || acked_events(&base).await.filter(|n| *n > before),
+    )
     .await;
     let resumed = back.elapsed();
     poll("ready again", Duration::from_secs(30), async || {
@@ -699,8 +700,9 @@ async fn a_kafka_outage_is_reported_and_survived_without_loss() {
     });
     let listen = free_port();
     let switch = common::Switch::start(([127, 0, 0, 1], listen).into()).await;
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("tansu-outage-{listen}.log")))
-        .unwrap();
+    let log =
+        std::fs::File::create(std::env::temp_dir().join(format!("tansu-outage-{listen}.log")))
+            .unwrap();
     let _tansu = OwnTansu(
         Command::new(&bin)
             .args([

@@ -81,6 +81,7 @@ path = "{state}"
 [runtime]
 retry_min = "10ms"
 retry_max = "100ms"
+checkpoint_interval = "0s"   # a commit per page: a bad page would show
 "#,
             base = handle.base_url(),
             token = handle.token_url(),
@@ -113,10 +114,20 @@ fn small_tenant() -> SimConfig {
 
 /// One `graphdelta run --once`; returns whether it succeeded and its log.
 async fn run_once(s: &Setup) -> (std::process::ExitStatus, String) {
+    run_once_with(s, None).await
+}
+
+/// The same, with a failpoint armed (`name@n`).
+async fn run_once_with(s: &Setup, failpoint: Option<&str>) -> (std::process::ExitStatus, String) {
     let config = s.config.clone();
     let log = s.log.clone();
+    let failpoint = failpoint.map(str::to_string);
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_graphdelta"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_graphdelta"));
+        if let Some(f) = failpoint {
+            cmd.env(graphdelta::failpoint::ENV, f);
+        }
+        let out = cmd
             .args(["run", "--once", "--log-format", "json", "--config"])
             .arg(&config)
             .env(common::SECRET_ENV, "simulator-secret")
@@ -146,18 +157,38 @@ fn committed(state: &Path) -> Option<StreamCheckpoint> {
         .and_then(|s| s.load_checkpoint().expect("checkpoint loads"))
 }
 
-/// No event twice, no version missing, and the fold is the truth.
-fn assert_exact(s: &Setup, label: &str) {
+/// No event twice (unless `repeats`: then every repeat carries the
+/// original's id), no version missing, and the fold is the truth.
+fn assert_exact(s: &Setup, label: &str, repeats: bool) {
     let events = events(s);
-    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    assert_eq!(ids.len(), events.len(), "{label}: an event was written twice");
+    let mut ids: HashSet<&str> = HashSet::new();
+    let mut id_of: HashMap<(&str, u64), &str> = HashMap::new();
     let mut versions: HashMap<&str, Vec<u64>> = HashMap::new();
     for e in &events {
-        versions.entry(&e.object_id).or_default().push(e.object_version);
+        let id = id_of
+            .entry((&e.object_id, e.object_version))
+            .or_insert(&e.event_id);
+        assert_eq!(*id, e.event_id, "{label}: a repeated event got a new id");
+        if ids.insert(&e.event_id) {
+            versions
+                .entry(&e.object_id)
+                .or_default()
+                .push(e.object_version);
+        }
+    }
+    if !repeats {
+        assert_eq!(
+            ids.len(),
+            events.len(),
+            "{label}: an event was written twice"
+        );
     }
     for (id, v) in versions {
         let want: Vec<u64> = (1..=v.len() as u64).collect();
-        assert_eq!(v, want, "{label}: {id}: versions with a gap or a repeat");
+        assert_eq!(
+            v, want,
+            "{label}: {id}: versions with a gap or out of order"
+        );
     }
     let diffs = kafka_support::compare(
         label,
@@ -182,6 +213,9 @@ struct Case {
     on_delta_link: bool,
     /// Injected 100 ms into the run (the round is slowed to last longer).
     during_round: Option<Fault>,
+    /// A first run dies at this failpoint (`name@n`) mid-round; the faults
+    /// are injected after it, so they meet the nextLink it left.
+    crash_first: Option<&'static str>,
     graph_extra: &'static str,
     outcome: Outcome,
     /// Each must appear in the log.
@@ -196,6 +230,7 @@ impl Case {
             faults,
             on_delta_link: false,
             during_round: None,
+            crash_first: None,
             graph_extra: "",
             outcome,
             log,
@@ -210,6 +245,12 @@ async fn case(c: Case) {
         let (status, log) = run_once(&s).await;
         assert!(status.success(), "first round: {log}");
         s.simulator.churn(&ChurnSpec::mixed(60));
+    }
+    if let Some(fp) = c.crash_first {
+        let (status, log) = run_once_with(&s, Some(fp)).await;
+        assert!(!status.success(), "the failpoint {fp} did not fire: {log}");
+        let cp = committed(&s.dir.path().join("state")).expect("a checkpoint");
+        assert!(!cp.link_is_delta, "the crash left no nextLink");
     }
     let before = committed(&s.dir.path().join("state"));
     for f in &c.faults {
@@ -237,11 +278,15 @@ async fn case(c: Case) {
         !log.contains("simulator-secret"),
         "the client secret is in the log"
     );
-    assert!(took >= c.at_least, "finished in {took:?}, before {:?}", c.at_least);
+    assert!(
+        took >= c.at_least,
+        "finished in {took:?}, before {:?}",
+        c.at_least
+    );
     match c.outcome {
         Outcome::Recovers => {
             assert!(status.success(), "{status}: {log}");
-            assert_exact(&s, "after the fault");
+            assert_exact(&s, "after the fault", c.crash_first.is_some());
         }
         Outcome::Stops(words) => {
             assert_eq!(status.code(), Some(1), "{log}");
@@ -261,7 +306,7 @@ async fn case(c: Case) {
             s.simulator.clear_faults();
             let (status, log) = run_once(&s).await;
             assert!(status.success(), "{status}: {log}");
-            assert_exact(&s, "after the fault was cleared");
+            assert_exact(&s, "after the fault was cleared", c.crash_first.is_some());
         }
     }
     s.handle.shutdown().await;
@@ -331,12 +376,15 @@ async fn expired_sync_tokens_mid_round_and_on_the_delta_link_start_a_resync() {
         count: 1,
         scope,
     };
-    case(Case::new(
+    // Only state tokens issued before the fault expire: the connector dies
+    // mid-round, the token of its committed nextLink expires meanwhile.
+    let mut c = Case::new(
         vec![expired(FaultScope::NextLink)],
         Outcome::Recovers,
         &["Graph reset the sync state"],
-    ))
-    .await;
+    );
+    c.crash_first = Some("committing@3");
+    case(c).await;
     let mut c = Case::new(
         vec![expired(FaultScope::DeltaLink)],
         Outcome::Recovers,
@@ -381,16 +429,25 @@ async fn a_page_that_stays_malformed_stops_the_stream_uncommitted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_object_without_id_stops_the_stream_uncommitted() {
+async fn an_object_without_id_is_a_malformed_page_retried_then_stopped_uncommitted() {
+    let missing = |count| Fault::MissingId {
+        count,
+        scope: FaultScope::DeltaLink,
+    };
     let mut c = Case::new(
-        vec![Fault::MissingId {
-            count: 1,
-            scope: FaultScope::DeltaLink,
-        }],
-        Outcome::Stops(&["stream `users`", "has no string `id`", "not committed"]),
+        vec![missing(1)],
+        Outcome::Recovers,
+        &["malformed delta page: value[", "has no `id`", "retrying"],
+    );
+    c.on_delta_link = true;
+    case(c).await;
+    let mut c = Case::new(
+        vec![missing(1000)],
+        Outcome::Stops(&["stream `users`", "malformed delta page", "has no `id`"]),
         &["Stream stopped."],
     );
     c.on_delta_link = true;
+    c.graph_extra = "max_attempts = 2";
     case(c).await;
 }
 
@@ -402,7 +459,10 @@ async fn an_unknown_removed_reason_stops_the_stream_uncommitted() {
             count: 1,
             scope: FaultScope::DeltaLink,
         }],
-        Outcome::Stops(&["unknown @removed reason `unknownFutureValue`", "not committed"]),
+        Outcome::Stops(&[
+            "unknown @removed reason `unknownFutureValue`",
+            "not committed",
+        ]),
         &["Stream stopped."],
     );
     c.on_delta_link = true;
@@ -479,7 +539,10 @@ async fn refused_credentials_stop_at_once_without_the_secret() {
     let (status, log) = run_once(&s).await;
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("AADSTS7000215"), "names Entra's error: {log}");
-    assert!(!log.contains("simulator-secret"), "the secret leaked: {log}");
+    assert!(
+        !log.contains("simulator-secret"),
+        "the secret leaked: {log}"
+    );
     assert!(events(&s).is_empty());
     assert!(committed(&s.dir.path().join("state")).is_none());
     s.handle.shutdown().await;
@@ -491,7 +554,10 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
-        mount(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"], dir);
+        mount(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            dir,
+        );
         Tmpfs(dir.to_path_buf())
     }
 
@@ -534,7 +600,7 @@ fn fill(dir: &Path) {
 /// back (`mend`), nothing is lost.
 async fn disk_case(break_it: impl Fn(&Tmpfs), mend: impl Fn(&Tmpfs), words: &[&str]) {
     let root = tempfile::tempdir().unwrap();
-    let tmpfs = Tmpfs::mount(&root.path().join("store"), "4m");
+    let tmpfs = Tmpfs::mount(&root.path().join("store"), "32m");
     let state = tmpfs.0.join("state");
     let s = setup(small_tenant(), "", Some(&state)).await;
     let (status, log) = run_once(&s).await;
@@ -556,10 +622,16 @@ async fn disk_case(break_it: impl Fn(&Tmpfs), mend: impl Fn(&Tmpfs), words: &[&s
     for w in words {
         assert!(log.contains(w), "the error lacks {w:?}:\n{log}");
     }
-    assert!(log.contains(&state.display().to_string()), "names the store: {log}");
+    assert!(
+        log.contains(&state.display().to_string()),
+        "names the store: {log}"
+    );
     mend(&tmpfs);
     let after = committed(&state).expect("a checkpoint");
-    assert_eq!(after.batch_seq, before.batch_seq, "a commit on a broken disk");
+    assert_eq!(
+        after.batch_seq, before.batch_seq,
+        "a commit on a broken disk"
+    );
     assert_eq!(after.link, before.link);
 
     let (status, log) = run_once(&s).await;

@@ -69,7 +69,10 @@ async fn a_redirect_to_another_host_is_not_followed() {
     let err = common::run_once(&config).await.unwrap_err().to_string();
     assert!(err.contains("redirect"), "{err}");
     assert!(err.contains("not followed"), "{err}");
-    assert!(evil.requests().is_empty(), "the redirect target got a request");
+    assert!(
+        evil.requests().is_empty(),
+        "the redirect target got a request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +103,10 @@ async fn a_link_with_another_scheme_or_port_gets_no_token() {
         assert!(err.contains(&names), "names {names}: {err}");
         assert!(common::read_events(&common::events_path(dir.path())).is_empty());
     }
-    assert!(other_port.requests().is_empty(), "the other port got a request");
+    assert!(
+        other_port.requests().is_empty(),
+        "the other port got a request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,8 +115,11 @@ async fn a_410_location_on_another_host_is_ignored() {
     let server = ScriptedGraph::start().await;
     server.on(
         "/v1.0/users/delta",
-        Scripted::status(410, r#"{"error":{"code":"SyncStateNotFound","message":"gone"}}"#)
-            .header("Location", &format!("{}/users/delta", evil.base_url())),
+        Scripted::status(
+            410,
+            r#"{"error":{"code":"SyncStateNotFound","message":"gone"}}"#,
+        )
+        .header("Location", &format!("{}/users/delta", evil.base_url())),
     );
     server.on(
         "/v1.0/users/delta",
@@ -119,8 +128,14 @@ async fn a_410_location_on_another_host_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let config = common::file_config(&server.base_url(), &server.token_url(), dir.path(), "");
     common::run_once(&config).await.unwrap();
-    assert!(evil.requests().is_empty(), "the Location host got a request");
-    assert_eq!(common::read_events(&common::events_path(dir.path())).len(), 2);
+    assert!(
+        evil.requests().is_empty(),
+        "the Location host got a request"
+    );
+    assert_eq!(
+        common::read_events(&common::events_path(dir.path())).len(),
+        2
+    );
 }
 
 #[test]
@@ -169,9 +184,7 @@ path = "state"
 fn assert_absent(secrets: &[&str], places: &[(String, Vec<u8>)]) {
     for secret in secrets {
         for (place, bytes) in places {
-            let found = bytes
-                .windows(secret.len())
-                .any(|w| w == secret.as_bytes());
+            let found = bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
             assert!(!found, "secret `{secret}` found in {place}");
         }
     }
@@ -256,7 +269,13 @@ async fn secrets_appear_in_no_log_status_metric_or_store() {
         ("RUST_LOG", "trace"),
     ];
     let mut child = graphdelta(
-        &["run", "--log-format", "json", "--config", config.to_str().unwrap()],
+        &[
+            "run",
+            "--log-format",
+            "json",
+            "--config",
+            config.to_str().unwrap(),
+        ],
         &env,
         &log,
     );
@@ -266,7 +285,11 @@ async fn secrets_appear_in_no_log_status_metric_or_store() {
     // Two rounds, the second after churn; then scrape every page.
     let mut churned = false;
     loop {
-        assert!(Instant::now() < deadline, "no progress:\n{}", std::fs::read_to_string(&log).unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "no progress:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
         let status: Option<serde_json::Value> = match reqwest::get(format!("{base}/status")).await {
             Ok(r) => r.json().await.ok(),
             Err(_) => None,
@@ -274,7 +297,12 @@ async fn secrets_appear_in_no_log_status_metric_or_store() {
         let rounds = status
             .as_ref()
             .and_then(|s| s["streams"].as_array().cloned())
-            .map(|v| v.iter().map(|s| s["rounds_completed"].as_u64().unwrap_or(0)).min().unwrap_or(0))
+            .map(|v| {
+                v.iter()
+                    .map(|s| s["rounds_completed"].as_u64().unwrap_or(0))
+                    .min()
+                    .unwrap_or(0)
+            })
             .unwrap_or(0);
         if rounds >= 1 && !churned {
             simulator.churn(&ChurnSpec::mixed(50));
@@ -299,7 +327,11 @@ async fn secrets_appear_in_no_log_status_metric_or_store() {
         .status()
         .unwrap();
     let status = wait(&mut child, Duration::from_secs(60));
-    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     let metrics = String::from_utf8_lossy(&pages[1].1).to_string();
     assert!(
         metrics.contains("graphdelta_events_published_total"),
@@ -344,10 +376,7 @@ async fn secrets_appear_in_no_log_status_metric_or_store() {
     }
     places.extend(files_under(&dir.path().join("state")));
     assert!(places.len() >= 8, "the store has files: {places:?}");
-    assert_absent(
-        &[&graph_secret, &amqp_password, &wrong_graph],
-        &places,
-    );
+    assert_absent(&[&graph_secret, &amqp_password, &wrong_graph], &places);
     handle.shutdown().await;
 }
 
@@ -380,7 +409,11 @@ startup_timeout = "3s"
         topic = kafka_support::rand_name("gd-sasl"),
     );
     let config = dir.path().join("connector.toml");
-    std::fs::write(&config, kafka_support::connector_toml(&handle, dir.path(), &sink)).unwrap();
+    std::fs::write(
+        &config,
+        kafka_support::connector_toml(&handle, dir.path(), &sink),
+    )
+    .unwrap();
     let mut places = Vec::new();
     for args in [
         vec!["validate", "--config", config.to_str().unwrap()],
@@ -433,12 +466,31 @@ fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         );
     };
     run(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-        "/CN=graphdelta test CA", "-keyout", "ca.key", "-out", "ca.pem",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=graphdelta test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
     ]);
     run(&[
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout",
-        "server.key", "-out", "server.csr",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
     ]);
     std::fs::write(
         dir.join("san.ext"),
@@ -446,10 +498,27 @@ fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
     .unwrap();
     run(&[
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
     ]);
-    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
 
 /// socat terminating TLS in front of the shared broker.
@@ -519,7 +588,11 @@ async fn amqps_with_a_private_ca_works_and_an_untrusted_broker_is_refused() {
             "[sink]\ntype = \"rabbitmq\"\nurl_env = \"GD_TEST_AMQPS_URL\"\nexchange = \"{exchange}\"\nconnect_timeout = \"5s\"\n{ca_line}\n\n[[sink.declare_queues]]\nname = \"{queue}\"\ntype = \"classic\"\nbinding_keys = [\"#\"]\n"
         );
         let path = dir.path().join("connector.toml");
-        std::fs::write(&path, kafka_support::connector_toml(&handle, dir.path(), &sink)).unwrap();
+        std::fs::write(
+            &path,
+            kafka_support::connector_toml(&handle, dir.path(), &sink),
+        )
+        .unwrap();
         path
     };
     let env = [
@@ -530,10 +603,17 @@ async fn amqps_with_a_private_ca_works_and_an_untrusted_broker_is_refused() {
     // Without the CA: the broker's certificate is not trusted.
     let config = write("");
     let log = dir.path().join("untrusted.log");
-    let mut child = graphdelta(&["run", "--once", "--config", config.to_str().unwrap()], &env, &log);
+    let mut child = graphdelta(
+        &["run", "--once", "--config", config.to_str().unwrap()],
+        &env,
+        &log,
+    );
     let status = wait(&mut child, Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!status.success(), "an untrusted broker was accepted:\n{text}");
+    assert!(
+        !status.success(),
+        "an untrusted broker was accepted:\n{text}"
+    );
     assert!(
         text.to_lowercase().contains("certificate") || text.to_lowercase().contains("tls"),
         "names the TLS failure: {text}"
@@ -542,11 +622,19 @@ async fn amqps_with_a_private_ca_works_and_an_untrusted_broker_is_refused() {
     // With it: every event arrives.
     let config = write(&format!("ca_file = \"{}\"", ca.display()));
     let log = dir.path().join("trusted.log");
-    let mut child = graphdelta(&["run", "--once", "--config", config.to_str().unwrap()], &env, &log);
+    let mut child = graphdelta(
+        &["run", "--once", "--config", config.to_str().unwrap()],
+        &env,
+        &log,
+    );
     let status = wait(&mut child, Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "amqps with the CA failed:\n{text}");
     let got = rabbitmq_util::drain(&channel, &queue, 43, Duration::from_secs(30)).await;
-    assert!(got.len() >= 43, "40 users and 3 groups over TLS: got {}", got.len());
+    assert!(
+        got.len() >= 43,
+        "40 users and 3 groups over TLS: got {}",
+        got.len()
+    );
     handle.shutdown().await;
 }

@@ -452,6 +452,11 @@ impl StreamRunner {
                 }
             }
         }
+        // Batches handed to the sink before a crash go out again first,
+        // exactly as they were (see `checkpoint`'s "The outbox").
+        if let Some(cp) = self.drain_outbox().await? {
+            stored = Some(cp);
+        }
         let latest = self.resolved.stream.start == StartFrom::Latest;
         let now = Some(normalize::timestamp(std::time::SystemTime::now()));
         Ok(match stored {
@@ -499,6 +504,57 @@ impl StreamRunner {
                 resnapshot: false,
             },
         })
+    }
+
+    /// Records a batch in the outbox before it is handed to the sink. A
+    /// batch without events moves only the checkpoint: read again after a
+    /// crash, its page yields the same nothing, so it needs no record.
+    fn to_outbox(&self, batch: &Batch) -> Result<(), StreamError> {
+        if batch.events.is_empty() {
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| {
+            self.store()
+                .put_outbox(&batch.checkpoint, &batch.writes, &batch.events)
+        })
+        .map_err(|e| self.store_err(e))
+    }
+
+    /// Publishes and commits, in order and unchanged, the batches the
+    /// outbox still holds: handed to the sink by a previous run that did
+    /// not live to commit them. Returns the last checkpoint committed, if
+    /// any; `None` also when shutdown interrupted it (the rest stays in the
+    /// outbox).
+    async fn drain_outbox(&mut self) -> Result<Option<StreamCheckpoint>, StreamError> {
+        let pending =
+            tokio::task::block_in_place(|| self.store().outbox()).map_err(|e| self.store_err(e))?;
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        tracing::warn!(
+            batches = pending.len(),
+            first = pending[0].checkpoint.batch_seq,
+            "Publishing again the batches a previous run handed to the sink without committing them (same events, same ids)."
+        );
+        let overlay = std::sync::Mutex::new(Overlay::default());
+        let mut last = None;
+        for p in pending {
+            let batch = Batch {
+                seq: p.checkpoint.batch_seq,
+                events: p.events,
+                writes: p.writes,
+                checkpoint: p.checkpoint,
+                objects: 0,
+                ends_round: false,
+            };
+            if !self.publish_until_acked(&batch).await? {
+                return Ok(None);
+            }
+            let checkpoint = batch.checkpoint.clone();
+            self.commit_batch(batch, &overlay)?;
+            last = Some(checkpoint);
+        }
+        Ok(last)
     }
 
     /// Graph reset the sync state: commit the start of a full round.
@@ -676,6 +732,7 @@ impl StreamRunner {
                             if batch.ends_round {
                                 fetch_done = true;
                             }
+                            self.to_outbox(&batch)?;
                             in_flight.push_back(self.publish_future(*batch));
                         }
                         Some(Ready::Fetch(GraphError::Resync { reason, location, .. })) => {
