@@ -394,6 +394,11 @@ impl KafkaSinkConfig {
         if c.get("client.id").is_none() {
             c.set("client.id", "graphdelta");
         }
+        // librdkafka backs off reconnects up to 10 s by default: after an
+        // outage the stream would wait that long for a broker that is back.
+        // Retry each second at most (tests/chaos.rs: resume within 5 s).
+        c.set("reconnect.backoff.ms", "100");
+        c.set("reconnect.backoff.max.ms", "1000");
         for (k, v) in &self.properties {
             c.set(k, &v.0);
         }
