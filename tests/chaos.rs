@@ -269,11 +269,18 @@ impl Run {
             .iter()
             .map(|(p, n)| format!("{p} {n}"))
             .collect();
+        let kills = if figures.kills.is_empty() {
+            "no kills".to_string()
+        } else {
+            format!(
+                "kills {} ({}; {} failpoints not reached in 15 s, killed instead)",
+                figures.kills.values().sum::<u32>(),
+                per_phase.join(", "),
+                figures.unreached
+            )
+        };
         eprintln!(
-            "{what}[{sink}]: seed {seed}: kills {} ({}; {} failpoints not reached in 15 s, killed instead), changes {} (simulator log), events {}, distinct {}, duplicates {}, losses {}, unstable ids {}, out of order {}, {:.1} s",
-            figures.kills.values().sum::<u32>(),
-            per_phase.join(", "),
-            figures.unreached,
+            "{what}[{sink}]: seed {seed}: {kills}, changes {} (simulator log), events {}, distinct {}, duplicates {}, losses {}, unstable ids {}, out of order {}, {:.1} s",
             self.simulator.seq(),
             figures.events,
             figures.distinct,
@@ -283,6 +290,17 @@ impl Run {
             figures.disorder.len(),
             self.started.elapsed().as_secs_f64(),
         );
+        let failed = !(figures.losses.is_empty()
+            && figures.unstable_ids.is_empty()
+            && figures.disorder.is_empty());
+        if failed {
+            // Keep the evidence: the sink's file, the store, the log.
+            let kept = self.dir.path().with_extension("kept");
+            let _ = std::fs::remove_dir_all(&kept);
+            if copy_dir(self.dir.path(), &kept).is_ok() {
+                eprintln!("{what}[{sink}]: files kept in {}", kept.display());
+            }
+        }
         let show = |v: &[String]| v.iter().take(20).cloned().collect::<Vec<_>>().join("\n");
         assert!(
             figures.losses.is_empty(),
@@ -301,6 +319,20 @@ impl Run {
             show(&figures.disorder)
         );
     }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let path = entry?.path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target)?;
+        } else {
+            std::fs::copy(&path, &target)?;
+        }
+    }
+    Ok(())
 }
 
 fn tail(log: &Path) -> String {
@@ -620,12 +652,15 @@ async fn outage_suite(mut run: Run, switch: &common::Switch) {
     switch.set(true);
     let back = Instant::now();
     let before = acked_events(&base).await.unwrap();
-    poll(
-        "the stream to resume",
-        Duration::from_secs(60),
-        async || acked_events(&base).await.filter(|n| *n > before),
-    )
-    .await;
+    let resume_deadline = back + Duration::from_secs(60);
+    while acked_events(&base).await.is_none_or(|n| n <= before) {
+        assert!(
+            Instant::now() < resume_deadline,
+            "{sink}: the stream did not resume within 60 s of the broker's return:\n{}",
+            tail(&run.log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let resumed = back.elapsed();
     poll("ready again", Duration::from_secs(30), async || {
         ready(&base).await.filter(|(s, _)| *s == 200)
