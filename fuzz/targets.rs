@@ -7,6 +7,9 @@
 //! proportional to the input (libFuzzer's `-rss_limit_mb` and
 //! `-malloc_limit_mb` enforce it in `scripts/fuzz`).
 
+// Each fuzz binary uses one of the two.
+#![allow(dead_code)]
+
 use graphdelta::{
     config::Config,
     graph::page::parse_page,
