@@ -30,6 +30,11 @@
 //! start, the runtime publishes what the outbox still holds, unchanged and
 //! in order, and commits it, before it reads any page: events re-published
 //! after a crash are byte-for-byte the ones published before it.
+//!
+//! Cost (`graphdelta bench --cases initial-100k`, release, 2 busy cores):
+//! 1.45 s → 2.2–2.4 s for 100k objects to the file sink (every event is
+//! written once more, through the WAL); incremental rounds within noise.
+//! An append-only outbox file would be cheaper; correctness first.
 
 use std::{
     path::{Path, PathBuf},
