@@ -34,6 +34,8 @@
 //!   (`graphdelta replay`).
 //! - [`simulator`]: a synthetic Entra ID tenant that speaks the delta protocol,
 //!   used by `graphdelta demo`, the tests and the benchmark.
+//! - [`failpoint`]: crash points for the fault suite, inert unless
+//!   `GRAPHDELTA_FAILPOINT` names one.
 //! - [`proto`]: the generated `graphdelta.v1` types and descriptor set.
 //! - [`cluster`]: `[cluster]` mode: instances in one Kafka consumer group
 //!   divide the streams (one partition of an assignments topic per stream)
@@ -43,6 +45,7 @@
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
+pub mod failpoint;
 pub mod graph;
 pub mod normalize;
 pub mod proto;

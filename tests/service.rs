@@ -269,51 +269,6 @@ async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
     handle.shutdown().await;
 }
 
-/// A TCP relay to RabbitMQ that can be cut (existing connections dropped,
-/// new ones refused) and restored: the sink "goes away" without touching
-/// the broker other tests share.
-struct Switch {
-    port: u16,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Switch {
-    async fn start(upstream: std::net::SocketAddr) -> Switch {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (up2, conns2) = (up.clone(), conns.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection refused, in effect
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                conns2.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        Switch { port, up, conns }
-    }
-
-    fn set(&self, up: bool) {
-        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
-        if !up {
-            for c in self.conns.lock().unwrap().drain(..) {
-                c.abort();
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reports_a_sink_outage_and_recovers() {
     let (_admin, _channel) = rabbitmq_util::admin().await; // fails loudly without a broker

@@ -17,6 +17,24 @@
 //! back, which re-reads pages already delivered (duplicates with the same
 //! event ids), never loses one, because every sink makes its data durable
 //! before it acknowledges and the runtime commits only after that ack.
+//!
+//! # The outbox
+//! Graph pages show objects as they are *now*: a page read again after a
+//! crash can differ from the one whose events were published before it.
+//! Normalized against the committed memory again, such a page would give
+//! the same `object_version` to different content (a new event id), or no
+//! event at all if the object changed back: a consumer that had the
+//! pre-crash event would keep it. So every batch with events is written to
+//! the `outbox` table (events, memory changes, checkpoint) before it is
+//! handed to the sink, and a commit deletes the outbox rows it covers. On
+//! start, the runtime publishes what the outbox still holds, unchanged and
+//! in order, and commits it, before it reads any page: events re-published
+//! after a crash are byte-for-byte the ones published before it.
+//!
+//! Cost (`graphdelta bench --cases initial-100k`, release, 2 busy cores):
+//! 1.45 s → 2.2–2.4 s for 100k objects to the file sink (every event is
+//! written once more, through the WAL); incremental rounds within noise.
+//! An append-only outbox file would be cheaper; correctness first.
 
 use std::{
     path::{Path, PathBuf},
@@ -28,8 +46,16 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::{
     normalize::memory::{MemberKey, MemberRow, StateWrites},
-    proto::v1::{ObjectState, StreamCheckpoint},
+    proto::v1::{BatchState, ChangeEvent, CheckpointRecord, ObjectState, StreamCheckpoint},
 };
+
+/// A batch that was (perhaps) handed to the sink but not committed.
+#[derive(Debug, Clone)]
+pub struct PendingBatch {
+    pub checkpoint: StreamCheckpoint,
+    pub writes: StateWrites,
+    pub events: Vec<ChangeEvent>,
+}
 
 const SCHEMA_VERSION: &str = "1";
 
@@ -211,7 +237,11 @@ impl Store {
              CREATE TABLE IF NOT EXISTS members (
                  group_id TEXT NOT NULL, relationship TEXT NOT NULL, member_id TEXT NOT NULL,
                  member_type TEXT NOT NULL, seen_round INTEGER NOT NULL,
-                 PRIMARY KEY (group_id, relationship, member_id)) WITHOUT ROWID;",
+                 PRIMARY KEY (group_id, relationship, member_id)) WITHOUT ROWID;
+             -- Batches handed to the sink and not yet committed (see the
+             -- module docs): a CheckpointRecord and length-delimited events.
+             CREATE TABLE IF NOT EXISTS outbox (
+                 seq INTEGER PRIMARY KEY, record BLOB NOT NULL, events BLOB NOT NULL);",
         )?;
         let version: Option<String> = self
             .conn
@@ -484,8 +514,63 @@ impl Store {
             }
             tx.prepare_cached("INSERT OR REPLACE INTO checkpoint (stream, data) VALUES (?1, ?2)")?
                 .execute(params![self.stream, checkpoint.encode_to_vec()])?;
+            tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?
+                .execute([checkpoint.batch_seq as i64])?;
         }
+        crate::failpoint::hit("committing");
         tx.commit()
+    }
+
+    /// Records a batch about to be handed to the sink (see "The outbox").
+    pub fn put_outbox(
+        &mut self,
+        checkpoint: &StreamCheckpoint,
+        writes: &StateWrites,
+        events: &[ChangeEvent],
+    ) -> Result<(), CheckpointError> {
+        let record = CheckpointRecord {
+            checkpoint: Some(checkpoint.clone()),
+            state: Some(writes.to_proto()),
+        }
+        .encode_to_vec();
+        let mut blob = Vec::with_capacity(events.iter().map(|e| e.encoded_len() + 4).sum());
+        for e in events {
+            e.encode_length_delimited(&mut blob).expect("Vec grows");
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO outbox (seq, record, events) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![checkpoint.batch_seq as i64, record, blob]))
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The outbox, oldest batch first.
+    pub fn outbox(&self) -> Result<Vec<PendingBatch>, CheckpointError> {
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT record, events FROM outbox ORDER BY seq")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .map(|(record, events)| {
+                let corrupt = |e: prost::DecodeError| self.err(format!("corrupt outbox row: {e}"));
+                let record = CheckpointRecord::decode(record.as_slice()).map_err(corrupt)?;
+                let mut buf = events.as_slice();
+                let mut decoded = Vec::new();
+                while !buf.is_empty() {
+                    decoded.push(ChangeEvent::decode_length_delimited(&mut buf).map_err(corrupt)?);
+                }
+                Ok(PendingBatch {
+                    checkpoint: record.checkpoint.unwrap_or_default(),
+                    writes: StateWrites::from_proto(
+                        record.state.unwrap_or_else(BatchState::default),
+                    ),
+                    events: decoded,
+                })
+            })
+            .collect()
     }
 
     /// Known objects not returned by full round `round`, in storage order

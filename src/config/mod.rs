@@ -10,6 +10,7 @@
 //! variable and `client_secret_file` a file; the value is held in a
 //! [`secrecy::SecretString`] whose `Debug` prints `[REDACTED]`.
 
+pub mod duration;
 mod secret;
 
 use std::{
@@ -156,7 +157,7 @@ pub struct GraphConfig {
     #[serde(default)]
     pub low_priority: bool,
     /// Timeout of one HTTP request to Graph or the token endpoint.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[serde(default = "default_request_timeout", with = "crate::config::duration")]
     pub request_timeout: Duration,
     /// Attempts per page before a failing request (5xx, 429, malformed
     /// body) stops the round.
@@ -244,7 +245,7 @@ pub struct StreamConfig {
     pub start: StartFrom,
     /// Time between the starts of two rounds; a round that overruns is
     /// followed immediately by the next, never overlapped.
-    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    #[serde(default = "default_poll_interval", with = "crate::config::duration")]
     pub poll_interval: Duration,
 }
 
@@ -305,17 +306,20 @@ pub struct RuntimeConfig {
     /// at the end of every round). Longer: fewer checkpoint writes; a crash
     /// re-reads (and re-publishes, with the same event ids) at most this
     /// much. `0s` commits every batch on its own.
-    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_checkpoint_interval",
+        with = "crate::config::duration"
+    )]
     pub checkpoint_interval: Duration,
     /// First delay after a failed round or publish; doubles up to `retry_max`.
-    #[serde(default = "default_retry_min", with = "humantime_serde")]
+    #[serde(default = "default_retry_min", with = "crate::config::duration")]
     pub retry_min: Duration,
     /// Longest delay between two attempts.
-    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    #[serde(default = "default_retry_max", with = "crate::config::duration")]
     pub retry_max: Duration,
     /// On SIGTERM, how long in-flight batches may take to be acknowledged and
     /// committed before the process exits anyway (nothing is lost either way).
-    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    #[serde(default = "default_drain_timeout", with = "crate::config::duration")]
     pub drain_timeout: Duration,
 }
 
@@ -363,7 +367,7 @@ pub struct HttpConfig {
     #[serde(default = "default_http_listen")]
     pub listen: String,
     /// How often readiness probes Graph's token endpoint and the sink.
-    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    #[serde(default = "default_probe_interval", with = "crate::config::duration")]
     pub probe_interval: Duration,
 }
 

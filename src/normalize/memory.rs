@@ -218,10 +218,12 @@ impl MemoryView for OverlayView<'_> {
             .copied()
             .filter(|id| !self.overlay.objects.contains_key(*id))
             .collect();
-        let mut found = self.store.objects(&missing)?;
+        let found = self.store.objects(&missing)?;
+        // An id can be listed twice (Graph replays an object within a
+        // page): every occurrence must find the row, not only the first.
         for id in missing {
-            let state = found.remove(id);
-            self.prefetched.insert(id.to_string(), state);
+            self.prefetched
+                .insert(id.to_string(), found.get(id).cloned());
         }
         Ok(())
     }
@@ -350,6 +352,26 @@ impl PropertyHashes for ObjectState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_listed_twice_is_found_both_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), "users").unwrap();
+        let mut writes = StateWrites::default();
+        let known = ObjectState {
+            version: 3,
+            ..Default::default()
+        };
+        writes.objects.insert("x".into(), Some(known));
+        store
+            .commit(&crate::proto::v1::StreamCheckpoint::default(), &writes)
+            .unwrap();
+        let overlay = Overlay::default();
+        let mut view = overlay.view(&store);
+        view.prefetch(&["x", "y", "x"]).unwrap();
+        assert_eq!(view.object("x").unwrap().map(|s| s.version), Some(3));
+        assert_eq!(view.object("y").unwrap(), None);
+    }
 
     #[test]
     fn property_hashes_stay_sorted() {

@@ -234,6 +234,11 @@ pub fn begin_resnapshot(
         .ok_or_else(|| {
             format!("stream `{stream}` has no checkpoint yet: run it once first (its initial round is a snapshot already)")
         })?;
+    if !store.outbox().map_err(|e| e.to_string())?.is_empty() {
+        return Err(format!(
+            "stream `{stream}` has batches a previous run handed to the sink without committing them: run it once (graphdelta run --once) to deliver them, then resnapshot"
+        ));
+    }
     if cp.phase() != Phase::Incremental || cp.link.is_empty() {
         return Err(format!(
             "stream `{stream}` is in its {} phase: let it reach its deltaLink first (graphdelta run --once), then resnapshot",

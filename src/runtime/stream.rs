@@ -459,6 +459,11 @@ impl StreamRunner {
                 }
             }
         }
+        // Batches handed to the sink before a crash go out again first,
+        // exactly as they were (see `checkpoint`'s "The outbox").
+        if let Some(cp) = self.drain_outbox().await? {
+            stored = Some(cp);
+        }
         let latest = self.resolved.stream.start == StartFrom::Latest;
         let now = Some(normalize::timestamp(std::time::SystemTime::now()));
         Ok(match stored {
@@ -506,6 +511,58 @@ impl StreamRunner {
                 resnapshot: false,
             },
         })
+    }
+
+    /// Records a batch in the outbox before it is handed to the sink. A
+    /// batch without events moves only the checkpoint: read again after a
+    /// crash, its page yields the same nothing, so it needs no record.
+    fn to_outbox(&self, batch: &Batch) -> Result<(), StreamError> {
+        if batch.events.is_empty() {
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| {
+            self.store()
+                .put_outbox(&batch.checkpoint, &batch.writes, &batch.events)
+        })
+        .map_err(|e| self.store_err(e))
+    }
+
+    /// Publishes and commits, in order and unchanged, the batches the
+    /// outbox still holds: handed to the sink by a previous run that did
+    /// not live to commit them. Returns the last checkpoint committed, if
+    /// any; `None` also when shutdown interrupted it (the rest stays in the
+    /// outbox).
+    async fn drain_outbox(&mut self) -> Result<Option<StreamCheckpoint>, StreamError> {
+        let pending =
+            tokio::task::block_in_place(|| self.store().outbox()).map_err(|e| self.store_err(e))?;
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        tracing::warn!(
+            batches = pending.len(),
+            first = pending[0].checkpoint.batch_seq,
+            "Publishing again the batches a previous run handed to the sink without committing them (same events, same ids)."
+        );
+        let overlay = std::sync::Mutex::new(Overlay::default());
+        let mut last = None;
+        for p in pending {
+            let batch = Batch {
+                seq: p.checkpoint.batch_seq,
+                events: p.events,
+                writes: p.writes,
+                checkpoint: p.checkpoint,
+                objects: 0,
+                bytes: 0,
+                ends_round: false,
+            };
+            if !self.publish_until_acked(&batch).await? {
+                return Ok(None);
+            }
+            let checkpoint = batch.checkpoint.clone();
+            self.commit_batch(batch, &overlay)?;
+            last = Some(checkpoint);
+        }
+        Ok(last)
     }
 
     /// Graph reset the sync state: commit the start of a full round.
@@ -645,6 +702,7 @@ impl StreamRunner {
                     in_flight_bytes -= batch.bytes;
                     match result {
                         Ok(()) => {
+                            crate::failpoint::hit("acked");
                             metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.kind()).record(took.as_secs_f64());
                             self.stage(staged, batch);
                             if staged.batches >= MAX_STAGED_BATCHES
@@ -689,6 +747,7 @@ impl StreamRunner {
                             if batch.ends_round {
                                 fetch_done = true;
                             }
+                            self.to_outbox(&batch)?;
                             in_flight_bytes += batch.bytes;
                             in_flight.push_back(self.publish_future(*batch));
                         }
@@ -759,7 +818,10 @@ impl StreamRunner {
         loop {
             let result = sink_publish(&*self.sink, self.name(), batch).await;
             match result {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    crate::failpoint::hit("acked");
+                    return Ok(true);
+                }
                 Err(e) if e.is_retriable() => {
                     metrics::counter!(m::SINK_ERRORS, "sink" => self.sink.kind(), "outcome" => "retriable").increment(1);
                     let wait = policy.delay(attempt);
@@ -1057,6 +1119,7 @@ async fn fetch_loop(
         };
         match result {
             Ok(page) => {
+                crate::failpoint::hit("fetched");
                 let next = match &page.link {
                     crate::graph::page::PageLink::Next(n) => Some(n.clone()),
                     crate::graph::page::PageLink::Delta(_) => None,

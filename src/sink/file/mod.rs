@@ -111,6 +111,11 @@ fn write_loop(mut file: File, jobs: std::sync::mpsc::Receiver<Job>, fsync: bool)
         }
         let mut result = Ok(());
         for job in &batch {
+            if crate::failpoint::fire("mid_publish") {
+                // A torn batch: what a crash in the middle of a write leaves.
+                let _ = file.write_all(&job.bytes[..job.bytes.len() / 2]);
+                crate::failpoint::crash("mid_publish");
+            }
             if let Err(e) = file.write_all(&job.bytes) {
                 result = Err(e);
                 break;

@@ -28,6 +28,8 @@ use rdkafka::{
 use super::{config::KafkaSinkConfig, context::SinkContext};
 use crate::sink::SinkError;
 
+/// The longest a readiness probe waits for the cluster's metadata.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The admin side of the sink.
 pub struct Admin {
     client: Arc<AdminClient<SinkContext>>,
@@ -71,7 +73,14 @@ impl Admin {
 
     /// The startup check: the brokers answer within `startup_timeout`.
     pub async fn check(&self) -> Result<(), SinkError> {
-        let timeout = self.config.startup_timeout;
+        // Once the cluster has answered, this is the readiness probe: it
+        // must notice an outage within seconds, not after the (long)
+        // startup timeout.
+        let timeout = if self.announced.load(Ordering::Relaxed) {
+            self.config.startup_timeout.min(PROBE_TIMEOUT)
+        } else {
+            self.config.startup_timeout
+        };
         match self.metadata(timeout).await {
             Ok(md) => {
                 if !self.announced.swap(true, Ordering::Relaxed) {

@@ -64,11 +64,11 @@ pub struct KafkaSinkConfig {
     /// How long librdkafka may try to deliver a record (its
     /// `message.timeout.ms`) before the batch fails with a retriable error
     /// and is published again. librdkafka's own default is 5 minutes.
-    #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
+    #[serde(default = "default_delivery_timeout", with = "crate::config::duration")]
     pub delivery_timeout: Duration,
     /// How long the startup check waits for the cluster's metadata before
     /// reporting the brokers unreachable.
-    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    #[serde(default = "default_startup_timeout", with = "crate::config::duration")]
     pub startup_timeout: Duration,
     /// Create missing topics (events and checkpoints) with the settings
     /// below. Turn off where the principal may not create topics; they must
@@ -99,7 +99,10 @@ pub struct KafkaSinkConfig {
     pub transactional_id_prefix: String,
     /// Exactly-once: `transaction.timeout.ms`; the broker aborts a
     /// transaction left open longer (for example by a killed process).
-    #[serde(default = "default_transaction_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_transaction_timeout",
+        with = "crate::config::duration"
+    )]
     pub transaction_timeout: Duration,
     /// librdkafka properties passed verbatim (`security.protocol`,
     /// `sasl.mechanisms`, `ssl.ca.location`, `compression.type`,
@@ -391,6 +394,11 @@ impl KafkaSinkConfig {
         if c.get("client.id").is_none() {
             c.set("client.id", "graphdelta");
         }
+        // librdkafka backs off reconnects up to 10 s by default: after an
+        // outage the stream would wait that long for a broker that is back.
+        // Retry each second at most (tests/chaos.rs: resume within 5 s).
+        c.set("reconnect.backoff.ms", "100");
+        c.set("reconnect.backoff.max.ms", "1000");
         for (k, v) in &self.properties {
             c.set(k, &v.0);
         }

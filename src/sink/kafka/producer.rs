@@ -14,6 +14,7 @@
 //! | message size too large, record/batch too large, invalid record | `Permanent` | the same record will never fit |
 //! | unknown topic or partition (after creation), invalid topic or config, unsupported version | `Permanent` | the topic is gone or the cluster cannot take it |
 //! | fatal idempotence error | `Retriable` | the producer is replaced; the batch is published again |
+//! | fenced producer / invalid epoch, at-least-once | `Retriable` | no transactional id, so no other owner: the broker lost the idempotent state (records timed out in an outage); the producer is replaced |
 //! | fenced producer (exactly-once) | `Fenced` | another instance owns the stream |
 //!
 //! Codes not listed count as retriable: a needless retry shows up in the
@@ -209,6 +210,7 @@ pub async fn produce_all(
         }
     }
     enqueued();
+    crate::failpoint::hit("mid_publish");
     let rest = join_all(
         pending
             .into_iter()
@@ -326,10 +328,22 @@ impl AtLeastOnce {
         match result {
             Ok(()) => Ok(()),
             Err(f) => {
-                if f.class == Class::Fatal || producer.client().fatal_error().is_some() {
+                // Without a transactional id nobody can fence this producer:
+                // a refused epoch means the broker lost the idempotent
+                // producer's state (records timed out during an outage and
+                // librdkafka bumped the epoch; tansu answers ProducerFenced).
+                // A new producer id publishes the batch again.
+                let fenced = f.class == Class::Fenced;
+                if fenced || f.class == Class::Fatal || producer.client().fatal_error().is_some() {
                     self.replace_after_fatal(generation, &producer);
                 }
-                Err(f.into_sink_error(&format!("kafka: stream `{stream}`, batch {seq}")))
+                let error = f.into_sink_error(&format!("kafka: stream `{stream}`, batch {seq}"));
+                if fenced {
+                    return Err(SinkError::Retriable(format!(
+                        "{error} (not transactional: a new producer takes over)"
+                    )));
+                }
+                Err(error)
             }
         }
     }

@@ -73,10 +73,10 @@ pub struct RabbitMqSinkConfig {
     /// take from its first message being sent to its last publisher
     /// confirm. Batches not fully confirmed in time are published again on
     /// a new connection (nothing is committed meanwhile).
-    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    #[serde(default = "default_confirm_timeout", with = "crate::config::duration")]
     pub confirm_timeout: Duration,
     /// Timeout of the TCP connect, TLS and AMQP handshake.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
     pub connect_timeout: Duration,
     /// The connection's name as shown by `rabbitmqctl list_connections
     /// client_properties` and the management UI.
@@ -124,7 +124,7 @@ pub struct QueueConfig {
     pub queue_type: QueueType,
     /// Stream queues only: segments older than this are deleted
     /// (`x-max-age`), e.g. `"30days"`.
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, with = "crate::config::duration::option")]
     pub max_age: Option<Duration>,
     /// Stream queues only: the stream keeps at most this many bytes, oldest
     /// segments deleted first (`x-max-length-bytes`).

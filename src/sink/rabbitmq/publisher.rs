@@ -230,6 +230,7 @@ impl Lane {
                 }
             }
         }
+        crate::failpoint::hit("mid_publish");
         // Which batch each event belongs to, to place returned messages.
         let batch_of: HashMap<&str, usize> = sent
             .iter()
