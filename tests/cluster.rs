@@ -58,18 +58,12 @@ impl Setup {
     }
 
     fn config(&self, handle: &SimHandle, instance: &str, http_port: u16) -> PathBuf {
-        let list = |v: &[&str]| {
-            v.iter()
-                .map(|s| format!("\"{s}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         let mut streams = String::new();
         for i in 0..STREAMS {
             let (resource, select) = if is_users(i) {
-                ("users", list(USER_SELECT))
+                ("users", toml_list(USER_SELECT))
             } else {
-                ("groups", list(GROUP_SELECT))
+                ("groups", toml_list(GROUP_SELECT))
             };
             streams.push_str(&format!(
                 "[[streams]]\nname = \"{}\"\nresource = \"{resource}\"\nselect = [{select}]\npoll_interval = \"1s\"\n\n",
@@ -83,13 +77,7 @@ impl Setup {
             &path,
             format!(
                 r#"
-[graph]
-base_url = "{base}"
-token_url = "{token}"
-tenant_id = "contoso.onmicrosoft.com"
-client_id = "graphdelta-simulator"
-client_secret_env = "{SECRET_ENV}"
-
+{graph}
 {streams}
 [sink]
 type = "kafka"
@@ -115,8 +103,7 @@ drain_timeout = "10s"
 listen = "127.0.0.1:{http_port}"
 probe_interval = "500ms"
 "#,
-                base = handle.base_url(),
-                token = handle.token_url(),
+                graph = graph_toml(handle),
                 brokers = self.brokers,
                 prefix = self.prefix,
                 group = self.group,

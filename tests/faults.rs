@@ -52,19 +52,12 @@ async fn setup(sim: SimConfig, graph_extra: &str, store: Option<&Path>) -> Setup
     let (simulator, handle) = kafka_support::start_simulator(sim).await;
     let dir = tempfile::tempdir().unwrap();
     let state = store.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
-    let select: Vec<String> = SELECT.iter().map(|s| format!("\"{s}\"")).collect();
     let config = dir.path().join("connector.toml");
     std::fs::write(
         &config,
         format!(
             r#"
-[graph]
-base_url = "{base}"
-token_url = "{token}"
-tenant_id = "contoso.onmicrosoft.com"
-client_id = "graphdelta-simulator"
-client_secret_env = "{secret}"
-{graph_extra}
+{graph}{graph_extra}
 
 [[streams]]
 name = "users"
@@ -83,10 +76,8 @@ retry_min = "10ms"
 retry_max = "100ms"
 checkpoint_interval = "0s"   # a commit per page: a bad page would show
 "#,
-            base = handle.base_url(),
-            token = handle.token_url(),
-            secret = common::SECRET_ENV,
-            select = select.join(", "),
+            graph = kafka_support::graph_toml(&handle),
+            select = kafka_support::toml_list(SELECT),
             events = dir.path().join("events.ndjson").display(),
             state = state.display(),
         ),

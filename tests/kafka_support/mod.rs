@@ -266,25 +266,37 @@ pub async fn start_simulator(cfg: SimConfig) -> (Simulator, SimHandle) {
     (simulator, handle)
 }
 
-/// A connector file: streams `users` and `groups` of the simulator, the
-/// given `[sink]` table, the store under `dir/state`.
-pub fn connector_toml(handle: &SimHandle, dir: &Path, sink: &str) -> String {
-    set_secret();
-    let list = |v: &[&str]| {
-        v.iter()
-            .map(|s| format!("\"{s}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+/// The `[graph]` table of a connector reading the simulator (the secret
+/// comes from [`SECRET_ENV`]); more keys of that table may follow it.
+pub fn graph_toml(handle: &SimHandle) -> String {
     format!(
-        r#"
-[graph]
+        r#"[graph]
 base_url = "{base}"
 token_url = "{token}"
 tenant_id = "contoso.onmicrosoft.com"
 client_id = "graphdelta-simulator"
 client_secret_env = "{SECRET_ENV}"
+"#,
+        base = handle.base_url(),
+        token = handle.token_url(),
+    )
+}
 
+/// A TOML array of strings, without its brackets: `"a", "b"`.
+pub fn toml_list(v: &[&str]) -> String {
+    v.iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A connector file: streams `users` and `groups` of the simulator, the
+/// given `[sink]` table, the store under `dir/state`.
+pub fn connector_toml(handle: &SimHandle, dir: &Path, sink: &str) -> String {
+    set_secret();
+    format!(
+        r#"
+{graph}
 [[streams]]
 name = "users"
 resource = "users"
@@ -306,10 +318,9 @@ path = "{state}"
 retry_min = "10ms"
 retry_max = "100ms"
 "#,
-        base = handle.base_url(),
-        token = handle.token_url(),
-        users = list(USER_SELECT),
-        groups = list(GROUP_SELECT),
+        graph = graph_toml(handle),
+        users = toml_list(USER_SELECT),
+        groups = toml_list(GROUP_SELECT),
         state = dir.join("state").display(),
     )
 }
