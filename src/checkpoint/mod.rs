@@ -200,8 +200,19 @@ impl Store {
     /// A second, read-only connection to the same store: reads from it see
     /// every commit made through this one before the read began.
     pub fn reader(&self) -> Result<Store, CheckpointError> {
-        self.second_connection(OpenFlags::SQLITE_OPEN_READ_ONLY, |conn| {
-            conn.pragma_update(None, "cache_size", -2048)
+        let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|conn| {
+                conn.busy_timeout(Duration::from_secs(5))?;
+                conn.pragma_update(None, "cache_size", -2048)?;
+                register_functions(&conn)?;
+                Ok(conn)
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(Store {
+            conn,
+            path: self.path.clone(),
+            stream: self.stream.clone(),
+            mirror: None,
         })
     }
 
@@ -210,21 +221,11 @@ impl Store {
     /// and commits. Writes through it and through this connection are
     /// serialized by SQLite (WAL, one writer at a time, busy timeout).
     pub fn outbox_writer(&self) -> Result<Store, CheckpointError> {
-        self.second_connection(OpenFlags::default(), |conn| {
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            conn.pragma_update(None, "cache_size", -1024)
-        })
-    }
-
-    fn second_connection(
-        &self,
-        flags: OpenFlags,
-        tune: impl FnOnce(&Connection) -> rusqlite::Result<()>,
-    ) -> Result<Store, CheckpointError> {
-        let conn = Connection::open_with_flags(&self.path, flags)
+        let conn = Connection::open(&self.path)
             .and_then(|conn| {
                 conn.busy_timeout(Duration::from_secs(5))?;
-                tune(&conn)?;
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+                conn.pragma_update(None, "cache_size", -1024)?;
                 register_functions(&conn)?;
                 Ok(conn)
             })
