@@ -29,12 +29,7 @@
 //! handed to the sink, and a commit deletes the outbox rows it covers. On
 //! start, the runtime publishes what the outbox still holds, unchanged and
 //! in order, and commits it, before it reads any page: events re-published
-//! after a crash are byte-for-byte the ones published before it. The
-//! normalizer's thread writes the outbox (through its own connection, see
-//! [`Store::outbox_writer`]) as it hands each batch on, so the cost is off
-//! the thread that publishes and commits. A batch recorded but never handed
-//! to the sink (the process stopped first) is simply published on start:
-//! it follows the committed checkpoint like any other.
+//! after a crash are byte-for-byte the ones published before it.
 //!
 //! Cost (`graphdelta bench --cases initial-100k`, release, 2 busy cores):
 //! 1.45 s → 2.2–2.4 s for 100k objects to the file sink (every event is
@@ -204,28 +199,6 @@ impl Store {
             .and_then(|conn| {
                 conn.busy_timeout(Duration::from_secs(5))?;
                 conn.pragma_update(None, "cache_size", -2048)?;
-                register_functions(&conn)?;
-                Ok(conn)
-            })
-            .map_err(|e| self.err(e))?;
-        Ok(Store {
-            conn,
-            path: self.path.clone(),
-            stream: self.stream.clone(),
-            mirror: None,
-        })
-    }
-
-    /// A second, writable connection for the outbox, so that batches are
-    /// recorded on the normalizer's thread, off the thread that publishes
-    /// and commits. Writes through it and through this connection are
-    /// serialized by SQLite (WAL, one writer at a time, busy timeout).
-    pub fn outbox_writer(&self) -> Result<Store, CheckpointError> {
-        let conn = Connection::open(&self.path)
-            .and_then(|conn| {
-                conn.busy_timeout(Duration::from_secs(5))?;
-                conn.pragma_update(None, "synchronous", "NORMAL")?;
-                conn.pragma_update(None, "cache_size", -1024)?;
                 register_functions(&conn)?;
                 Ok(conn)
             })
@@ -452,12 +425,7 @@ impl Store {
         checkpoint: &StreamCheckpoint,
         writes: &StateWrites,
     ) -> rusqlite::Result<()> {
-        // IMMEDIATE: take the write lock up front (waiting on the outbox
-        // writer's connection through the busy timeout) rather than upgrade
-        // a read snapshot, which SQLite may refuse without waiting.
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         {
             let mut forget = tx.prepare_cached("DELETE FROM members WHERE group_id = ?1")?;
             for group in &writes.forgotten_groups {

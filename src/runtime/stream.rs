@@ -132,10 +132,6 @@ struct NormalizeStage {
     ctx: StreamContext,
     /// A read-only connection to the stream's store.
     store: Store,
-    /// A writable connection for the outbox: every batch with events is
-    /// recorded here before it leaves this stage, so before the sink sees
-    /// it (see `checkpoint`'s "The outbox").
-    outbox: Store,
     overlay: Arc<std::sync::Mutex<Overlay>>,
     /// The checkpoint after the last normalized page.
     next: StreamCheckpoint,
@@ -148,7 +144,7 @@ impl NormalizeStage {
     fn run(mut self, mut pages: mpsc::Receiver<Fetched>, ready: mpsc::Sender<Ready>) {
         while let Some(fetched) = pages.blocking_recv() {
             let item = match fetched {
-                Fetched::Page(page) => match self.normalize(page).and_then(|b| self.record(b)) {
+                Fetched::Page(page) => match self.normalize(page) {
                     Ok(batch) => Ready::Batch(Box::new(batch)),
                     Err(e) => Ready::Error(e),
                 },
@@ -159,21 +155,6 @@ impl NormalizeStage {
                 return;
             }
         }
-    }
-
-    /// Records a batch in the outbox. A batch without events moves only the
-    /// checkpoint: read again after a crash, its page yields the same
-    /// nothing, so it needs no record.
-    fn record(&mut self, batch: Batch) -> Result<Batch, StreamError> {
-        if !batch.events.is_empty() {
-            self.outbox
-                .put_outbox(&batch.checkpoint, &batch.writes, &batch.events)
-                .map_err(|source| StreamError::Checkpoint {
-                    stream: self.stream.clone(),
-                    source,
-                })?;
-        }
-        Ok(batch)
     }
 
     /// Normalizes a page into the next batch and records its memory changes
@@ -532,6 +513,20 @@ impl StreamRunner {
         })
     }
 
+    /// Records a batch in the outbox before it is handed to the sink. A
+    /// batch without events moves only the checkpoint: read again after a
+    /// crash, its page yields the same nothing, so it needs no record.
+    fn to_outbox(&self, batch: &Batch) -> Result<(), StreamError> {
+        if batch.events.is_empty() {
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| {
+            self.store()
+                .put_outbox(&batch.checkpoint, &batch.writes, &batch.events)
+        })
+        .map_err(|e| self.store_err(e))
+    }
+
     /// Publishes and commits, in order and unchanged, the batches the
     /// outbox still holds: handed to the sink by a previous run that did
     /// not live to commit them. Returns the last checkpoint committed, if
@@ -642,14 +637,9 @@ impl StreamRunner {
         // committing on this task, and with fetching on the fetcher's.
         let overlay = Arc::new(std::sync::Mutex::new(Overlay::default()));
         let reader = self.store().reader().map_err(|e| self.store_err(e))?;
-        let outbox = self
-            .store()
-            .outbox_writer()
-            .map_err(|e| self.store_err(e))?;
         let stage = NormalizeStage {
             ctx: self.ctx.clone(),
             store: reader,
-            outbox,
             overlay: overlay.clone(),
             next: self.committed.clone(),
             snapshot,
@@ -757,6 +747,7 @@ impl StreamRunner {
                             if batch.ends_round {
                                 fetch_done = true;
                             }
+                            self.to_outbox(&batch)?;
                             in_flight_bytes += batch.bytes;
                             in_flight.push_back(self.publish_future(*batch));
                         }
