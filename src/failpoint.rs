@@ -11,6 +11,7 @@
 //! | `mid_publish` | the batch is partly handed to the sink: file sink: half of its bytes written (a torn line); Kafka: records queued, delivery reports not yet received; RabbitMQ: messages published, confirms not yet received |
 //! | `acked` | the sink acknowledged the batch; its checkpoint is not committed (between ack and commit) |
 //! | `committing` | inside the checkpoint's SQLite transaction, every row written, before `COMMIT` (mid-commit) |
+//! | `reconcile_acked` | a batch of changes inferred by the reconciliation after a full round was acknowledged; not committed |
 //!
 //! `GRAPHDELTA_FAILPOINT=<name>[@<n>]` aborts the process (`abort()`: no
 //! destructors, no flushing, as abrupt as SIGKILL) the `n`-th time (default:
@@ -28,7 +29,13 @@ use std::sync::{
 pub const ENV: &str = "GRAPHDELTA_FAILPOINT";
 
 /// Every failpoint, in the order a batch reaches them.
-pub const NAMES: &[&str] = &["fetched", "mid_publish", "acked", "committing"];
+pub const NAMES: &[&str] = &[
+    "fetched",
+    "mid_publish",
+    "acked",
+    "committing",
+    "reconcile_acked",
+];
 
 struct Armed {
     name: String,

@@ -20,7 +20,7 @@
 //!   exactly 1..n (a lost event leaves a gap; versions are never reused),
 //!   and the events fold into the simulator's ground truth;
 //! - **stable ids**: every copy of an object's version carries the same
-//!   event id (a consumer deduplicates on it);
+//!   event id (a consumer deduplicates on it) and is an exact copy;
 //! - **order per object**: first arrivals have increasing versions.
 //!
 //! Bounded (CI): 10 kills per sink. Long: `GRAPHDELTA_CHAOS_KILLS=60`
@@ -213,12 +213,28 @@ impl Run {
             ..SimConfig::default()
         })
         .await;
+        Run::build(target, simulator, handle, seed, |toml| {
+            format!(
+                "{}\n{extra}",
+                toml.replace("poll_interval = \"1s\"", "poll_interval = \"200ms\"")
+            )
+        })
+    }
+
+    /// A connector file for `target` against the simulator, as `edit`
+    /// leaves the suite's usual one.
+    fn build(
+        target: Target,
+        simulator: Simulator,
+        handle: graphdelta::simulator::SimHandle,
+        seed: u64,
+        edit: impl FnOnce(String) -> String,
+    ) -> Run {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("connector.toml");
         let toml =
-            kafka_support::connector_toml(&handle, dir.path(), &target.sink_toml(dir.path()))
-                .replace("poll_interval = \"1s\"", "poll_interval = \"200ms\"");
-        std::fs::write(&config, format!("{toml}\n{extra}")).unwrap();
+            kafka_support::connector_toml(&handle, dir.path(), &target.sink_toml(dir.path()));
+        std::fs::write(&config, edit(toml)).unwrap();
         let log = dir.path().join("connector.log");
         Run {
             target,
@@ -237,7 +253,8 @@ impl Run {
     /// (the first finishes any round a kill interrupted, the second reads
     /// the changes made meanwhile), then reads the sink and checks it
     /// against the ground truth.
-    async fn catch_up_and_check(&self, figures: &mut Figures) {
+    /// Returns the number of users the tenant ended with.
+    async fn catch_up_and_check(&self, figures: &mut Figures) -> usize {
         self.simulator.clear_faults();
         self.simulator.set_page_latency(Duration::ZERO);
         for _ in 0..2 {
@@ -257,7 +274,7 @@ impl Run {
         let truth = self.simulator.truth();
         let by_stream = self.target.read(self.dir.path()).await;
         check(&by_stream, &truth, figures);
-        assert!(truth.users.len() > 300, "the tenant churned");
+        truth.users.len()
     }
 
     /// Prints the figures, then fails on any loss, unstable id or disorder.
@@ -310,7 +327,7 @@ impl Run {
         );
         assert!(
             figures.unstable_ids.is_empty(),
-            "{what}[{sink}] seed {seed}: re-emitted events with new ids:\n{}",
+            "{what}[{sink}] seed {seed}: re-emitted events with new ids or other content:\n{}",
             show(&figures.unstable_ids)
         );
         assert!(
@@ -369,7 +386,8 @@ struct Figures {
     distinct: usize,
     /// Versions missing from an object's 1..n, plus truth differences.
     losses: Vec<String>,
-    /// An object version seen with two different event ids.
+    /// An object version seen with two different event ids, or two copies
+    /// of an event that differ (a duplicate must be an exact copy).
     unstable_ids: Vec<String>,
     /// A first arrival older than an earlier one of the same object.
     disorder: Vec<String>,
@@ -393,12 +411,18 @@ fn check(
         let events = by_stream.get(stream).map(Vec::as_slice).unwrap_or_default();
         figures.events += events.len();
         let mut seen_ids = HashSet::new();
-        let mut id_of: HashMap<(&str, u64), &str> = HashMap::new();
+        let mut first: HashMap<(&str, u64), &ChangeEvent> = HashMap::new();
         let mut versions: HashMap<&str, Vec<u64>> = HashMap::new();
         for e in events {
-            match id_of.insert((&e.object_id, e.object_version), &e.event_id) {
-                Some(earlier) if earlier != e.event_id => figures.unstable_ids.push(format!(
-                    "{stream}: {} v{}: event ids {earlier} and {}",
+            match first.insert((&e.object_id, e.object_version), e) {
+                Some(earlier) if earlier.event_id != e.event_id => {
+                    figures.unstable_ids.push(format!(
+                        "{stream}: {} v{}: event ids {} and {}",
+                        e.object_id, e.object_version, earlier.event_id, e.event_id
+                    ))
+                }
+                Some(earlier) if earlier != e => figures.unstable_ids.push(format!(
+                    "{stream}: {} v{}: two copies of event {} differ:\n  {earlier:?}\n  {e:?}",
                     e.object_id, e.object_version, e.event_id
                 )),
                 _ => {}
@@ -508,7 +532,8 @@ async fn crash_suite(target: Target) {
         }
     }
     churn.abort();
-    run.catch_up_and_check(&mut figures).await;
+    let users = run.catch_up_and_check(&mut figures).await;
+    assert!(users > 300, "the tenant churned");
     run.report("chaos", &figures);
     let reached: u32 = figures.kills.values().sum();
     assert_eq!(reached as usize, kills);
@@ -530,6 +555,160 @@ async fn crash_suite(target: Target) {
         );
     }
     run.handle.shutdown().await;
+}
+
+/// One `--once` run, to its end; its exit status and the log's tail.
+async fn once(run: &Run, failpoint: Option<&str>) -> (std::process::ExitStatus, String) {
+    let mut child = spawn(run, true, failpoint.map(str::to_string));
+    let status = wait_exit(&mut child, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|| {
+            kill9(&mut child);
+            panic!("the run did not finish:\n{}", tail(&run.log))
+        });
+    (status, tail(&run.log))
+}
+
+/// A small tenant and a file-sink connector whose acknowledged batches
+/// wait to be committed (`checkpoint_interval`), for crashes placed by
+/// hand; its first full sync done.
+async fn small_run(sim: SimConfig) -> Run {
+    let seed = sim.seed;
+    let (simulator, handle) = kafka_support::start_simulator(sim).await;
+    let run = Run::build(Target::File, simulator, handle, seed, |toml| {
+        toml.replace("[runtime]\n", "[runtime]\ncheckpoint_interval = \"1h\"\n")
+    });
+    let (status, log) = once(&run, None).await;
+    assert!(status.success(), "the first sync failed: {log}");
+    run
+}
+
+/// A 410 for the next `streams` deltaLinks, a run that dies at `failpoint`
+/// in the resync round it starts, and a run that finishes it; every event
+/// the file then holds.
+async fn resync_crash_and_restart(run: &Run, streams: u32, failpoint: &str) -> Vec<ChangeEvent> {
+    run.simulator.inject(Fault::Gone {
+        count: streams,
+        scope: FaultScope::DeltaLink,
+    });
+    let (status, log) = once(run, Some(failpoint)).await;
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "expected an abort at {failpoint} in the resync round: {log}"
+    );
+    let (status, log) = once(run, None).await;
+    assert!(status.success(), "the run after the crash failed: {log}");
+    common::read_events(&run.dir.path().join("events.ndjson"))
+}
+
+/// A crash in a resync round must not lose the memory writes of pages
+/// that reported nothing. In such a round most pages only confirm what is
+/// known (no events, but every object and membership is marked as seen);
+/// acknowledged at once, they wait to be committed with later batches. If
+/// a later batch with events is in the outbox when the process dies, its
+/// checkpoint covers those pages too: unless they are in the outbox as
+/// well, their "seen" marks are lost, and the reconciliation after the
+/// round reports live objects and memberships as deleted.
+///
+/// Deterministic: groups with members listed over several pages, commits
+/// held back (`checkpoint_interval`), one change placed in the resync
+/// round's last page, and the crash at the first publish of that round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_a_resync_round_keeps_what_quiet_pages_saw() {
+    let run = small_run(SimConfig {
+        users: 30,
+        groups: 6,
+        members_per_group: 8,
+        member_slice: 4,
+        page_size: 5,
+        seed: 11,
+        ..SimConfig::default()
+    })
+    .await;
+    // The one change of the resync round: a group created now is listed
+    // after every known one, in the round's last pages.
+    let late = run
+        .simulator
+        .create_group(serde_json::json!({"displayName": "Late group"}))
+        .unwrap();
+    // One 410 (the first stream to poll), the crash at the round's first
+    // publish.
+    let events = resync_crash_and_restart(&run, 1, "mid_publish@1").await;
+    let inferred: Vec<String> = events
+        .iter()
+        .filter(|e| e.inferred)
+        .map(|e| format!("{} v{}", e.object_id, e.object_version))
+        .collect();
+    assert!(
+        inferred.is_empty(),
+        "nothing was deleted, yet the reconciliation inferred {} changes: {inferred:?}",
+        inferred.len()
+    );
+    assert!(
+        events.iter().any(|e| e.object_id == late),
+        "the late group was published"
+    );
+    let mut figures = Figures::default();
+    run.catch_up_and_check(&mut figures).await;
+    run.report("resync crash", &figures);
+}
+
+/// Changes inferred by the reconciliation after a resync are recorded in
+/// the outbox like any other batch: a crash between their ack and their
+/// commit publishes the very same events again (their `observed_at`
+/// included), not a second inference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_the_reconciliation_republishes_the_same_inferences() {
+    let run = small_run(SimConfig {
+        users: 30,
+        groups: 3,
+        members_per_group: 8,
+        member_slice: 4,
+        page_size: 5,
+        seed: 12,
+        ..SimConfig::default()
+    })
+    .await;
+    let simulator = &run.simulator;
+    // Memberships removed while the sync state is lost: a full round lists
+    // each group with the members it has, so only the reconciliation can
+    // tell. A 410 for each stream's deltaLink.
+    let groups: Vec<String> = simulator
+        .truth()
+        .groups
+        .iter()
+        .map(|g| g.id.clone())
+        .collect();
+    for group in &groups {
+        let members = simulator
+            .truth()
+            .groups
+            .iter()
+            .find(|g| g.id == *group)
+            .and_then(|g| g.members.clone())
+            .unwrap_or_default();
+        for member in members.iter().take(2) {
+            simulator.remove_member(group, member).unwrap();
+        }
+    }
+    let events = resync_crash_and_restart(&run, 2, "reconcile_acked@1").await;
+    for group in &groups {
+        let inferred: Vec<&ChangeEvent> = events
+            .iter()
+            .filter(|e| e.object_id == *group && e.inferred)
+            .collect();
+        assert_eq!(
+            inferred.len(),
+            2,
+            "{group}: the inferred removals, published before the crash and again after it"
+        );
+        assert_eq!(inferred[0], inferred[1], "{group}: the copy differs");
+        assert_eq!(inferred[0].member_changes.len(), 2);
+    }
+    let mut figures = Figures::default();
+    run.catch_up_and_check(&mut figures).await;
+    run.report("reconcile crash", &figures);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,29 +757,7 @@ async fn acked_events(base: &str) -> Option<u64> {
 }
 
 async fn ready(base: &str) -> Option<(u16, String)> {
-    let r = reqwest::get(format!("{base}/health/ready")).await.ok()?;
-    let status = r.status().as_u16();
-    Some((status, r.text().await.unwrap_or_default()))
-}
-
-/// Polls `f` every 50 ms until it yields, for at most `timeout`.
-async fn poll<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::get(&format!("{base}/health/ready")).await
 }
 
 /// The broker goes away (every connection through the relay dropped, new
@@ -611,7 +768,7 @@ fn free_port() -> u16 {
 async fn outage_suite(mut run: Run, switch: &common::Switch) {
     let outage = Duration::from_secs(env_u64("GRAPHDELTA_CHAOS_OUTAGE_SECS").unwrap_or(5));
     let sink = run.target.name();
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut text = std::fs::read_to_string(&run.config).unwrap();
     text.push_str(&format!(
@@ -623,18 +780,18 @@ async fn outage_suite(mut run: Run, switch: &common::Switch) {
         .simulator
         .spawn_auto_churn(Duration::from_millis(100), ChurnSpec::mixed(30));
     let mut child = spawn(&run, false, None);
-    poll("ready", Duration::from_secs(60), async || {
+    common::poll("ready", Duration::from_secs(60), async || {
         ready(&base).await.filter(|(s, _)| *s == 200)
     })
     .await;
-    poll("the first events", Duration::from_secs(60), async || {
+    common::poll("the first events", Duration::from_secs(60), async || {
         acked_events(&base).await.filter(|n| *n > 0)
     })
     .await;
 
     switch.set(false);
     let cut = Instant::now();
-    let (_, reason) = poll("readiness to report the outage", outage, async || {
+    let (_, reason) = common::poll("readiness to report the outage", outage, async || {
         ready(&base).await.filter(|(s, _)| *s == 503)
     })
     .await;
@@ -662,7 +819,7 @@ async fn outage_suite(mut run: Run, switch: &common::Switch) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let resumed = back.elapsed();
-    poll("ready again", Duration::from_secs(30), async || {
+    common::poll("ready again", Duration::from_secs(30), async || {
         ready(&base).await.filter(|(s, _)| *s == 200)
     })
     .await;
@@ -677,7 +834,8 @@ async fn outage_suite(mut run: Run, switch: &common::Switch) {
     assert!(status.success(), "{status}:\n{}", tail(&run.log));
 
     let mut figures = Figures::default();
-    run.catch_up_and_check(&mut figures).await;
+    let users = run.catch_up_and_check(&mut figures).await;
+    assert!(users > 300, "the tenant churned");
     let log = std::fs::read_to_string(&run.log).unwrap_or_default();
     eprintln!(
         "outage[{sink}]: broker away {:.1} s; readiness reported it after {:.2} s; stream resumed {:.2} s after the broker's return; {} failed publishes retried, {} producers replaced",
@@ -736,7 +894,7 @@ async fn a_kafka_outage_is_reported_and_survived_without_loss() {
             "GRAPHDELTA_TANSU_BIN is not set: the Kafka outage test starts a tansu of its own; run it with scripts/test or export GRAPHDELTA_TANSU_BIN=/path/to/tansu"
         )
     });
-    let listen = free_port();
+    let listen = common::free_port();
     let switch = common::Switch::start(([127, 0, 0, 1], listen).into()).await;
     let log =
         std::fs::File::create(std::env::temp_dir().join(format!("tansu-outage-{listen}.log")))
@@ -758,7 +916,7 @@ async fn a_kafka_outage_is_reported_and_survived_without_loss() {
             .unwrap_or_else(|e| panic!("GRAPHDELTA_TANSU_BIN={bin}: cannot start: {e}")),
     );
     let brokers = format!("127.0.0.1:{}", switch.port);
-    poll("tansu to listen", Duration::from_secs(30), async || {
+    common::poll("tansu to listen", Duration::from_secs(30), async || {
         std::net::TcpStream::connect(("127.0.0.1", listen)).ok()
     })
     .await;

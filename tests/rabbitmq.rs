@@ -103,6 +103,7 @@ async fn publish(
         events,
         checkpoint: &checkpoint,
         writes: &Default::default(),
+        encoded: None,
     })
     .await
 }

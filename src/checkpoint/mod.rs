@@ -24,17 +24,19 @@
 //! Normalized against the committed memory again, such a page would give
 //! the same `object_version` to different content (a new event id), or no
 //! event at all if the object changed back: a consumer that had the
-//! pre-crash event would keep it. So every batch with events is written to
-//! the `outbox` table (events, memory changes, checkpoint) before it is
-//! handed to the sink, and a commit deletes the outbox rows it covers. On
-//! start, the runtime publishes what the outbox still holds, unchanged and
-//! in order, and commits it, before it reads any page: events re-published
-//! after a crash are byte-for-byte the ones published before it.
+//! pre-crash event would keep it. So every batch that changes the memory
+//! is written to the `outbox` table (events, memory changes, checkpoint)
+//! before it is handed to the sink, and a commit deletes the outbox rows it
+//! covers. On start, the runtime publishes what the outbox still holds,
+//! unchanged and in order, and commits it, before it reads any page: events
+//! re-published after a crash are byte-for-byte the ones published before
+//! it. Batches without events are recorded too when they change the memory
+//! (a full round's pages mostly only mark known objects and memberships as
+//! seen): a later batch committed from the outbox must not pass over them.
 //!
-//! Cost (`graphdelta bench --cases initial-100k`, release, 2 busy cores):
-//! 1.45 s → 2.2–2.4 s for 100k objects to the file sink (every event is
-//! written once more, through the WAL); incremental rounds within noise.
-//! An append-only outbox file would be cheaper; correctness first.
+//! The events are recorded in the sink's wire form ([`OutboxRow`]), and
+//! the sink is handed that same blob: encoded once, on the normalizer's
+//! thread. Cost: see the README's Performance section.
 
 use std::{
     path::{Path, PathBuf},
@@ -46,8 +48,64 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::{
     normalize::memory::{MemberKey, MemberRow, StateWrites},
-    proto::v1::{BatchState, ChangeEvent, CheckpointRecord, ObjectState, StreamCheckpoint},
+    proto::v1::{
+        BatchState, ChangeEvent, CheckpointRecord, EventsEncoding, ObjectState, StreamCheckpoint,
+    },
 };
+
+/// A batch encoded for the outbox, on the normalizer's thread, so that the
+/// task that publishes and commits only stores the bytes. The events are
+/// encoded in the sink's own wire form ([`Sink::encoding`]): the sink
+/// writes the same blob, so a batch's events are encoded once.
+///
+/// [`Sink::encoding`]: crate::sink::Sink::encoding
+pub struct OutboxRow {
+    seq: u64,
+    record: Vec<u8>,
+    /// The events, in `encoding`.
+    pub events: Vec<u8>,
+    pub encoding: EventsEncoding,
+    recorded: bool,
+}
+
+impl OutboxRow {
+    pub fn encode(
+        checkpoint: &StreamCheckpoint,
+        writes: &StateWrites,
+        events: &[ChangeEvent],
+        encoding: EventsEncoding,
+    ) -> OutboxRow {
+        let record = CheckpointRecord {
+            checkpoint: Some(checkpoint.clone()),
+            state: Some(writes.to_proto()),
+            events_encoding: encoding as i32,
+        }
+        .encode_to_vec();
+        OutboxRow {
+            seq: checkpoint.batch_seq,
+            record,
+            events: crate::sink::encode_events(encoding, events),
+            encoding,
+            recorded: false,
+        }
+    }
+
+    /// A row read back from the outbox ([`Store::outbox`]).
+    pub fn recorded(pending: &mut PendingBatch) -> OutboxRow {
+        OutboxRow {
+            seq: pending.checkpoint.batch_seq,
+            record: Vec::new(),
+            events: std::mem::take(&mut pending.encoded),
+            encoding: pending.encoding,
+            recorded: true,
+        }
+    }
+
+    /// True once the row is in the outbox.
+    pub fn is_recorded(&self) -> bool {
+        self.recorded
+    }
+}
 
 /// A batch that was (perhaps) handed to the sink but not committed.
 #[derive(Debug, Clone)]
@@ -55,6 +113,10 @@ pub struct PendingBatch {
     pub checkpoint: StreamCheckpoint,
     pub writes: StateWrites,
     pub events: Vec<ChangeEvent>,
+    /// The events as recorded (and as the sink was handed them), in
+    /// `encoding`.
+    pub encoded: Vec<u8>,
+    pub encoding: EventsEncoding,
 }
 
 const SCHEMA_VERSION: &str = "1";
@@ -521,29 +583,21 @@ impl Store {
         tx.commit()
     }
 
-    /// Records a batch about to be handed to the sink (see "The outbox").
-    pub fn put_outbox(
-        &mut self,
-        checkpoint: &StreamCheckpoint,
-        writes: &StateWrites,
-        events: &[ChangeEvent],
-    ) -> Result<(), CheckpointError> {
-        let record = CheckpointRecord {
-            checkpoint: Some(checkpoint.clone()),
-            state: Some(writes.to_proto()),
-        }
-        .encode_to_vec();
-        let mut blob = Vec::with_capacity(events.iter().map(|e| e.encoded_len() + 4).sum());
-        for e in events {
-            e.encode_length_delimited(&mut blob).expect("Vec grows");
+    /// Records a batch about to be handed to the sink (see "The outbox"),
+    /// encoded beforehand by [`OutboxRow::encode`].
+    pub fn put_outbox(&mut self, row: &mut OutboxRow) -> Result<(), CheckpointError> {
+        if row.recorded {
+            return Ok(());
         }
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO outbox (seq, record, events) VALUES (?1, ?2, ?3)",
             )
-            .and_then(|mut s| s.execute(params![checkpoint.batch_seq as i64, record, blob]))
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .and_then(|mut s| s.execute(params![row.seq as i64, &row.record, &row.events]))
+            .map_err(|e| self.err(e))?;
+        row.recorded = true;
+        row.record = Vec::new();
+        Ok(())
     }
 
     /// The outbox, oldest batch first.
@@ -557,17 +611,17 @@ impl Store {
             .map(|(record, events)| {
                 let corrupt = |e: prost::DecodeError| self.err(format!("corrupt outbox row: {e}"));
                 let record = CheckpointRecord::decode(record.as_slice()).map_err(corrupt)?;
-                let mut buf = events.as_slice();
-                let mut decoded = Vec::new();
-                while !buf.is_empty() {
-                    decoded.push(ChangeEvent::decode_length_delimited(&mut buf).map_err(corrupt)?);
-                }
+                let encoding = record.events_encoding();
+                let decoded = crate::sink::decode_events(encoding, &events)
+                    .map_err(|e| self.err(format!("corrupt outbox row: {e}")))?;
                 Ok(PendingBatch {
                     checkpoint: record.checkpoint.unwrap_or_default(),
                     writes: StateWrites::from_proto(
                         record.state.unwrap_or_else(BatchState::default),
                     ),
                     events: decoded,
+                    encoded: events,
+                    encoding,
                 })
             })
             .collect()
@@ -780,6 +834,88 @@ mod tests {
         assert_eq!(s.object("a").unwrap().unwrap(), state(1, 1));
         assert_eq!(s.member(&key).unwrap().unwrap().seen_round, 1);
         assert_eq!(s.object_count().unwrap(), 2);
+    }
+
+    fn sample_events() -> Vec<ChangeEvent> {
+        let props = serde_json::json!({"displayName": "Ann \"A\"", "n": 3, "ok": true, "x": null});
+        vec![
+            ChangeEvent {
+                event_id: "e1".into(),
+                object_id: "a".into(),
+                change_type: crate::proto::v1::ChangeType::Created as i32,
+                properties: Some(crate::proto::JsonStruct::from(
+                    props.as_object().unwrap().clone(),
+                )),
+                changed_properties: vec!["displayName".into()],
+                object_version: 1,
+                ..Default::default()
+            },
+            ChangeEvent {
+                event_id: "e2".into(),
+                object_id: "b".into(),
+                change_type: crate::proto::v1::ChangeType::HardDeleted as i32,
+                object_version: 4,
+                ..Default::default()
+            },
+        ]
+    }
+
+    /// A batch recorded in either encoding reads back as the same events,
+    /// with the very bytes the sink was handed; a row written before the
+    /// encoding was recorded (protobuf) still reads.
+    #[test]
+    fn outbox_rows_read_back_in_their_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "users").unwrap();
+        let events = sample_events();
+        let mut w = StateWrites::default();
+        w.objects.insert("a".into(), Some(state(1, 1)));
+        let cp = |seq| StreamCheckpoint {
+            stream: "users".into(),
+            batch_seq: seq,
+            ..Default::default()
+        };
+        let mut json = OutboxRow::encode(&cp(1), &w, &events, EventsEncoding::JsonLines);
+        let mut proto = OutboxRow::encode(&cp(2), &w, &events, EventsEncoding::ProtobufDelimited);
+        let (json_bytes, proto_bytes) = (json.events.clone(), proto.events.clone());
+        s.put_outbox(&mut json).unwrap();
+        s.put_outbox(&mut proto).unwrap();
+        assert!(json.is_recorded() && proto.is_recorded());
+        // As an earlier version wrote it: no encoding in the record.
+        let old = CheckpointRecord {
+            checkpoint: Some(cp(3)),
+            state: Some(w.to_proto()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        s.conn
+            .execute(
+                "INSERT INTO outbox (seq, record, events) VALUES (3, ?1, ?2)",
+                params![old, proto_bytes],
+            )
+            .unwrap();
+        let pending = s.outbox().unwrap();
+        assert_eq!(pending.len(), 3);
+        for (p, seq, bytes) in [
+            (&pending[0], 1, &json_bytes),
+            (&pending[1], 2, &proto_bytes),
+            (&pending[2], 3, &proto_bytes),
+        ] {
+            assert_eq!(p.checkpoint.batch_seq, seq);
+            assert_eq!(p.events, events);
+            assert_eq!(&p.encoded, bytes);
+            assert_eq!(p.writes.objects, w.objects);
+        }
+        assert_eq!(pending[0].encoding, EventsEncoding::JsonLines);
+        assert_eq!(pending[2].encoding, EventsEncoding::ProtobufDelimited);
+        // What was re-encoded is what had been encoded.
+        assert_eq!(
+            crate::sink::encode_events(EventsEncoding::JsonLines, &events),
+            json_bytes
+        );
+        // A commit removes the rows it covers.
+        s.commit(&cp(2), &StateWrites::default()).unwrap();
+        assert_eq!(s.outbox().unwrap().len(), 1);
     }
 
     #[test]

@@ -298,8 +298,9 @@ pub struct RuntimeConfig {
     /// are still committed strictly in order.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_batches: usize,
-    /// ... and at most this many bytes of Graph pages (per stream; one batch
-    /// is always allowed): memory stays bounded whatever the page size.
+    /// ... and at most this many bytes of Graph pages and the events encoded
+    /// from them (per stream; one batch is always allowed): memory stays
+    /// bounded whatever the page size.
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: usize,
     /// Acknowledged batches are committed together at least this often (and

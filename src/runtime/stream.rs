@@ -41,14 +41,14 @@ use super::{
     status::{StatusHandle, unix_now},
 };
 use crate::{
-    checkpoint::{CheckpointError, Store},
+    checkpoint::{CheckpointError, OutboxRow, Store},
     config::{ResolvedStream, RuntimeConfig, StartFrom},
     graph::{GraphClient, GraphError, Page, client::FetchOptions},
     normalize::{
         self, NormalizeError, RoundContext, StreamContext,
         memory::{MemberKey, Overlay, StateWrites},
     },
-    proto::v1::{ChangeEvent, ChangeType, Phase, StreamCheckpoint},
+    proto::v1::{ChangeEvent, ChangeType, EventsEncoding, Phase, StreamCheckpoint},
     retry::{Policy, RetryHint},
     sink::{OutBatch, Sink, SinkError},
 };
@@ -110,11 +110,15 @@ struct Batch {
     writes: StateWrites,
     checkpoint: StreamCheckpoint,
     objects: u64,
-    /// Size of the page it came from: the measure of the in-flight bound
-    /// (`runtime.max_in_flight_bytes`).
+    /// Size of the page it came from plus its encoded events: the measure
+    /// of the in-flight bound (`runtime.max_in_flight_bytes`).
     bytes: usize,
     /// The batch of the round's last page (its deltaLink).
     ends_round: bool,
+    /// The batch as the outbox records it, its events in the sink's
+    /// encoding (handed to the sink too). `None` for batches that change
+    /// nothing (nothing to record).
+    outbox: Option<OutboxRow>,
 }
 
 /// What the normalizer stage hands to the publishing loop, in page order.
@@ -138,6 +142,8 @@ struct NormalizeStage {
     snapshot: bool,
     stream: String,
     host: String,
+    /// The sink's encoding of events (see `OutboxRow`).
+    encoding: EventsEncoding,
 }
 
 impl NormalizeStage {
@@ -194,14 +200,29 @@ impl NormalizeStage {
         }
         next.committed_at = Some(normalize::timestamp(std::time::SystemTime::now()));
         overlay.apply(next.batch_seq, &normalized.writes);
+        drop(overlay);
+        // Encoded here, off the task that publishes and commits; recorded
+        // there, just before the sink sees the batch. A batch without events
+        // still needs its record when it changes the memory: a full round's
+        // pages mostly re-list known objects, and their "seen" marks (which
+        // the reconciliation after the round relies on) would otherwise be
+        // lost if a later batch's record outlived a crash and was committed
+        // over them. Only a batch that changes nothing (an empty page) moves
+        // just the checkpoint, which any later batch's checkpoint covers.
+        let outbox = (!normalized.events.is_empty() || !normalized.writes.is_empty()).then(|| {
+            OutboxRow::encode(next, &normalized.writes, &normalized.events, self.encoding)
+        });
         Ok(Batch {
             seq: next.batch_seq,
             events: normalized.events,
             writes: normalized.writes,
             checkpoint: next.clone(),
             objects: object_count,
-            bytes,
+            // The encoded events live as long as the batch: they count
+            // against the in-flight bound too.
+            bytes: bytes + outbox.as_ref().map_or(0, |row| row.events.len()),
             ends_round,
+            outbox,
         })
     }
 }
@@ -513,18 +534,12 @@ impl StreamRunner {
         })
     }
 
-    /// Records a batch in the outbox before it is handed to the sink. A
-    /// batch without events moves only the checkpoint: read again after a
-    /// crash, its page yields the same nothing, so it needs no record.
-    fn to_outbox(&self, batch: &Batch) -> Result<(), StreamError> {
-        if batch.events.is_empty() {
+    /// Records a batch in the outbox before it is handed to the sink.
+    fn to_outbox(&self, batch: &mut Batch) -> Result<(), StreamError> {
+        let Some(row) = &mut batch.outbox else {
             return Ok(());
-        }
-        tokio::task::block_in_place(|| {
-            self.store()
-                .put_outbox(&batch.checkpoint, &batch.writes, &batch.events)
-        })
-        .map_err(|e| self.store_err(e))
+        };
+        tokio::task::block_in_place(|| self.store().put_outbox(row)).map_err(|e| self.store_err(e))
     }
 
     /// Publishes and commits, in order and unchanged, the batches the
@@ -545,7 +560,8 @@ impl StreamRunner {
         );
         let overlay = std::sync::Mutex::new(Overlay::default());
         let mut last = None;
-        for p in pending {
+        for mut p in pending {
+            let row = OutboxRow::recorded(&mut p);
             let batch = Batch {
                 seq: p.checkpoint.batch_seq,
                 events: p.events,
@@ -554,6 +570,7 @@ impl StreamRunner {
                 objects: 0,
                 bytes: 0,
                 ends_round: false,
+                outbox: Some(row),
             };
             if !self.publish_until_acked(&batch).await? {
                 return Ok(None);
@@ -645,6 +662,7 @@ impl StreamRunner {
             snapshot,
             stream: self.name().to_string(),
             host: self.host.clone(),
+            encoding: self.sink.encoding(),
         };
         let (ready_tx, mut ready_rx) = mpsc::channel::<Ready>(2);
         let normalizer = tokio::task::spawn_blocking(move || stage.run(rx, ready_tx));
@@ -747,7 +765,8 @@ impl StreamRunner {
                             if batch.ends_round {
                                 fetch_done = true;
                             }
-                            self.to_outbox(&batch)?;
+                            let mut batch = batch;
+                            self.to_outbox(&mut batch)?;
                             in_flight_bytes += batch.bytes;
                             in_flight.push_back(self.publish_future(*batch));
                         }
@@ -803,6 +822,7 @@ impl StreamRunner {
                     events: &batch.events,
                     checkpoint: &batch.checkpoint,
                     writes: &batch.writes,
+                    encoded: encoded_for(&*sink, &batch),
                 })
                 .await
             };
@@ -873,6 +893,7 @@ impl StreamRunner {
             objects: shared.objects,
             bytes: shared.bytes,
             ends_round: shared.ends_round,
+            outbox: None,
         });
         staged.writes.merge(batch.writes);
         staged.checkpoint = Some(batch.checkpoint);
@@ -1030,6 +1051,7 @@ impl StreamRunner {
             objects: 0,
             bytes: 0,
             ends_round: false,
+            outbox: None,
         };
         if sink_needs_empty_batches(&*self.sink) && !self.publish_until_acked(&batch).await? {
             return Ok(false);
@@ -1048,7 +1070,10 @@ impl StreamRunner {
             committed_at: Some(normalize::timestamp(std::time::SystemTime::now())),
             ..self.committed.clone()
         };
-        let batch = Batch {
+        // Recorded like any batch: after a crash the very events (their
+        // `observed_at` included) are published again, not inferred anew.
+        let outbox = OutboxRow::encode(&cp, &writes, &events, self.sink.encoding());
+        let mut batch = Batch {
             seq: cp.batch_seq,
             events,
             writes,
@@ -1056,10 +1081,13 @@ impl StreamRunner {
             objects: 0,
             bytes: 0,
             ends_round: false,
+            outbox: Some(outbox),
         };
+        self.to_outbox(&mut batch)?;
         if !self.publish_until_acked(&batch).await? {
             return Ok(false);
         }
+        crate::failpoint::hit("reconcile_acked");
         let overlay = std::sync::Mutex::new(Overlay::default());
         self.commit_batch(batch, &overlay)?;
         Ok(true)
@@ -1082,8 +1110,19 @@ async fn sink_publish(sink: &dyn Sink, stream: &str, batch: &Batch) -> Result<()
         events: &batch.events,
         checkpoint: &batch.checkpoint,
         writes: &batch.writes,
+        encoded: encoded_for(sink, batch),
     })
     .await
+}
+
+/// The batch's events as recorded in the outbox, if the sink writes them
+/// in that encoding.
+fn encoded_for<'a>(sink: &dyn Sink, batch: &'a Batch) -> Option<&'a [u8]> {
+    batch
+        .outbox
+        .as_ref()
+        .filter(|row| row.encoding == sink.encoding())
+        .map(|row| row.events.as_slice())
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

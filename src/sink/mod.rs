@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::{
     config::ConfigError,
     normalize::memory::StateWrites,
-    proto::v1::{ChangeEvent, StreamCheckpoint},
+    proto::v1::{ChangeEvent, EventsEncoding, StreamCheckpoint},
     retry::RetryHint,
 };
 
@@ -85,6 +85,22 @@ pub struct OutBatch<'a> {
     /// sinks store them too ([`StateWrites::to_proto`]), so the embedded
     /// store can be rolled forward after a crash between the two commits.
     pub writes: &'a StateWrites,
+    /// The events already encoded in the sink's [`Sink::encoding`], when
+    /// the runtime has them (encoded once, off the publishing path, and
+    /// recorded so in the outbox). Sinks that write that blob as it is use
+    /// it; others encode `events` themselves.
+    pub encoded: Option<&'a [u8]>,
+}
+
+impl OutBatch<'_> {
+    /// The events as JSON lines: the runtime's encoding if it made one,
+    /// else encoded now.
+    pub fn json_lines(&self) -> Vec<u8> {
+        match self.encoded {
+            Some(encoded) => encoded.to_vec(),
+            None => encode_events(EventsEncoding::JsonLines, self.events),
+        }
+    }
 }
 
 /// A checkpoint kept by a transactional sink, with the memory changes of
@@ -134,6 +150,12 @@ pub trait Sink: Send + Sync {
         Ok(())
     }
 
+    /// The encoding of a batch's events that this sink writes as one blob
+    /// (see [`OutBatch::encoded`]).
+    fn encoding(&self) -> EventsEncoding {
+        EventsEncoding::ProtobufDelimited
+    }
+
     /// True for sinks that write each batch's checkpoint together with its
     /// events (Kafka exactly-once): they are handed batches without events
     /// too, so their stored checkpoint never falls behind.
@@ -177,5 +199,118 @@ pub fn encode_json_lines(events: &[ChangeEvent], buf: &mut Vec<u8>) {
     for event in events {
         crate::proto::json::write_event(event, buf);
         buf.push(b'\n');
+    }
+}
+
+/// A batch's events as one blob in `encoding`.
+pub fn encode_events(encoding: EventsEncoding, events: &[ChangeEvent]) -> Vec<u8> {
+    use prost::Message as _;
+    match encoding {
+        EventsEncoding::JsonLines => {
+            let mut buf = Vec::with_capacity(events.len() * 512);
+            encode_json_lines(events, &mut buf);
+            buf
+        }
+        EventsEncoding::ProtobufDelimited => {
+            let lens: Vec<usize> = events.iter().map(|e| e.encoded_len()).collect();
+            let total = lens
+                .iter()
+                .map(|l| l + prost::encoding::encoded_len_varint(*l as u64))
+                .sum();
+            let mut buf = Vec::with_capacity(total);
+            for (e, len) in events.iter().zip(lens) {
+                prost::encoding::encode_varint(len as u64, &mut buf);
+                e.encode_raw(&mut buf);
+            }
+            buf
+        }
+    }
+}
+
+/// The events of a [`EventsEncoding::ProtobufDelimited`] blob, each as its
+/// encoded message, in order; `None` unless there are exactly `count`.
+pub fn split_delimited(mut blob: &[u8], count: usize) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::with_capacity(count);
+    while !blob.is_empty() {
+        let len = prost::encoding::decode_varint(&mut blob).ok()? as usize;
+        if len > blob.len() {
+            return None;
+        }
+        let (message, rest) = blob.split_at(len);
+        out.push(message);
+        blob = rest;
+    }
+    (out.len() == count).then_some(out)
+}
+
+/// The events of a blob made by [`encode_events`].
+pub fn decode_events(
+    encoding: EventsEncoding,
+    mut blob: &[u8],
+) -> Result<Vec<ChangeEvent>, String> {
+    use prost::Message as _;
+    let mut events = Vec::new();
+    match encoding {
+        EventsEncoding::ProtobufDelimited => {
+            while !blob.is_empty() {
+                events.push(
+                    ChangeEvent::decode_length_delimited(&mut blob).map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        EventsEncoding::JsonLines => {
+            for line in blob.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                events.push(serde_json::from_slice(line).map_err(|e| e.to_string())?);
+            }
+        }
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events() -> Vec<ChangeEvent> {
+        (0..3)
+            .map(|i| ChangeEvent {
+                event_id: format!("e{i}"),
+                object_id: format!("o{i}"),
+                changed_properties: vec!["line\nbreak".into()],
+                object_version: i + 1,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blobs_decode_to_the_events_in_either_encoding() {
+        for encoding in [EventsEncoding::JsonLines, EventsEncoding::ProtobufDelimited] {
+            let blob = encode_events(encoding, &events());
+            assert_eq!(
+                decode_events(encoding, &blob).unwrap(),
+                events(),
+                "{encoding:?}"
+            );
+        }
+        let json = encode_events(EventsEncoding::JsonLines, &events());
+        assert_eq!(json.iter().filter(|b| **b == b'\n').count(), 3);
+        assert!(decode_events(EventsEncoding::JsonLines, b"{\"eventId\":").is_err());
+    }
+
+    #[test]
+    fn delimited_blobs_split_into_messages() {
+        use prost::Message as _;
+        let blob = encode_events(EventsEncoding::ProtobufDelimited, &events());
+        let parts = split_delimited(&blob, 3).unwrap();
+        for (part, event) in parts.iter().zip(events()) {
+            assert_eq!(*part, event.encode_to_vec().as_slice());
+        }
+        assert!(split_delimited(&blob, 2).is_none(), "count must match");
+        assert!(
+            split_delimited(&blob[..blob.len() - 1], 3).is_none(),
+            "torn"
+        );
+        assert_eq!(split_delimited(&[], 0).unwrap().len(), 0);
     }
 }

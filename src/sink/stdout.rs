@@ -8,7 +8,8 @@ use std::io::Write;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{OutBatch, Sink, SinkError, encode_json_lines};
+use super::{OutBatch, Sink, SinkError};
+use crate::proto::v1::EventsEncoding;
 
 /// `[sink] type = "stdout"`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -30,12 +31,15 @@ impl Sink for StdoutSink {
         "stdout"
     }
 
+    fn encoding(&self) -> EventsEncoding {
+        EventsEncoding::JsonLines
+    }
+
     async fn publish(&self, batch: OutBatch<'_>) -> Result<(), SinkError> {
         if batch.events.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(batch.events.len() * 512);
-        encode_json_lines(batch.events, &mut buf);
+        let buf = batch.json_lines();
         tokio::task::spawn_blocking(move || {
             let mut out = std::io::stdout().lock();
             out.write_all(&buf)?;

@@ -110,6 +110,7 @@ pub fn out_batch<'a>(
         events,
         checkpoint: cp,
         writes,
+        encoded: None,
     }
 }
 
@@ -407,7 +408,12 @@ pub fn compare(
             let want: BTreeSet<String> = members.iter().cloned().collect();
             let have = o.members.get("members").cloned().unwrap_or_default();
             if want != have {
-                diffs.push(format!("{label}: {} members differ", t.id));
+                let missing: Vec<&String> = want.difference(&have).collect();
+                let extra: Vec<&String> = have.difference(&want).collect();
+                diffs.push(format!(
+                    "{label}: {} (v{}) members differ: missing {missing:?}, extra {extra:?}",
+                    t.id, o.version
+                ));
             }
         }
     }

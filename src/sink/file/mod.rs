@@ -21,8 +21,9 @@ use std::{
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{OutBatch, Sink, SinkError, encode_json_lines};
+use super::{OutBatch, Sink, SinkError};
 use crate::config::ConfigError;
+use crate::proto::v1::EventsEncoding;
 
 /// `[sink] type = "file"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -170,12 +171,15 @@ impl Sink for FileSink {
         "file"
     }
 
+    fn encoding(&self) -> EventsEncoding {
+        EventsEncoding::JsonLines
+    }
+
     async fn publish(&self, batch: OutBatch<'_>) -> Result<(), SinkError> {
         if batch.events.is_empty() {
             return Ok(());
         }
-        let mut bytes = Vec::with_capacity(batch.events.len() * 512);
-        encode_json_lines(batch.events, &mut bytes);
+        let bytes = batch.json_lines();
         let (done, acked) = tokio::sync::oneshot::channel();
         let sent = self
             .jobs
@@ -244,6 +248,7 @@ mod tests {
             events: &events,
             checkpoint: &cp,
             writes: &Default::default(),
+            encoded: None,
         })
         .await
         .unwrap();

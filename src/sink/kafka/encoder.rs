@@ -141,7 +141,11 @@ impl Encoder {
         let mut records = Vec::with_capacity(batch.events.len() + batch.events.len() / 8);
         // Per topic (Confluent wire format only).
         let mut framing: HashMap<Arc<str>, Option<Framing>> = HashMap::new();
-        for event in batch.events {
+        // The events as the runtime already encoded them, if it did.
+        let encoded = batch
+            .encoded
+            .and_then(|blob| crate::sink::split_delimited(blob, batch.events.len()));
+        for (i, event) in batch.events.iter().enumerate() {
             let topic = self.topic_for(event)?;
             let frame = match framing.get(&topic) {
                 Some(f) => f.clone(),
@@ -165,15 +169,18 @@ impl Encoder {
                     .saturating_mul(1000)
                     .saturating_add(i64::from(t.nanos / 1_000_000))
             });
-            let mut value = Vec::with_capacity(
-                event.encoded_len() + frame.as_ref().map_or(0, |f| f.prefix.len()),
-            );
-            if let Some(f) = &frame {
-                value.extend_from_slice(&f.prefix);
-            }
-            event
-                .encode(&mut value)
-                .expect("a Vec grows to fit the encoding");
+            let prefix = frame.as_ref().map_or(&[][..], |f| &f.prefix[..]);
+            let value = match &encoded {
+                Some(messages) => [prefix, messages[i]].concat(),
+                None => {
+                    let mut value = Vec::with_capacity(event.encoded_len() + prefix.len());
+                    value.extend_from_slice(prefix);
+                    event
+                        .encode(&mut value)
+                        .expect("a Vec grows to fit the encoding");
+                    value
+                }
+            };
             let mut headers = cloudevents_headers(event);
             if let Some(f) = frame {
                 headers.push(("ce_dataschema", f.schema_url));
@@ -241,6 +248,7 @@ pub fn checkpoint_record(topic: &Arc<str>, batch: &OutBatch<'_>) -> Record {
     let value = CheckpointRecord {
         checkpoint: Some(batch.checkpoint.clone()),
         state: Some(batch.writes.to_proto()),
+        ..Default::default()
     }
     .encode_to_vec();
     Record {
@@ -261,7 +269,7 @@ pub fn checkpoint_record(topic: &Arc<str>, batch: &OutBatch<'_>) -> Record {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::v1::StreamCheckpoint;
+    use crate::proto::v1::{EventsEncoding, StreamCheckpoint};
 
     fn config(extra: &str) -> KafkaSinkConfig {
         toml::from_str(&format!("brokers = \"k:9092\"\n{extra}")).unwrap()
@@ -284,6 +292,44 @@ mod tests {
         }
     }
 
+    /// The runtime's pre-encoded events give the very records the encoder
+    /// makes itself.
+    #[tokio::test]
+    async fn pre_encoded_events_give_the_same_records() {
+        let encoder = Encoder::new(&config("")).unwrap();
+        let mut events = vec![
+            event("a", ChangeType::Created),
+            event("b", ChangeType::HardDeleted),
+            event("c", ChangeType::Updated),
+        ];
+        events[2].properties = Some(crate::proto::JsonStruct::from(
+            serde_json::json!({"displayName": "C", "n": 1.5})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        let blob = crate::sink::encode_events(EventsEncoding::ProtobufDelimited, &events);
+        let cp = StreamCheckpoint::default();
+        let writes = Default::default();
+        let batch = |encoded| OutBatch {
+            stream: "users",
+            seq: 1,
+            events: &events,
+            checkpoint: &cp,
+            writes: &writes,
+            encoded,
+        };
+        let plain = encoder.encode(&batch(None)).await.unwrap();
+        let pre = encoder.encode(&batch(Some(&blob))).await.unwrap();
+        let values = |r: &[Record]| r.iter().map(|r| r.value.clone()).collect::<Vec<_>>();
+        assert_eq!(values(&plain), values(&pre));
+        assert_eq!(plain.len(), 4);
+        // A blob that does not match the events is not used.
+        let short = crate::sink::encode_events(EventsEncoding::ProtobufDelimited, &events[..2]);
+        let fallback = encoder.encode(&batch(Some(&short))).await.unwrap();
+        assert_eq!(values(&plain), values(&fallback));
+    }
+
     #[tokio::test]
     async fn events_become_keyed_records_with_cloudevents_headers() {
         let encoder = Encoder::new(&config("")).unwrap();
@@ -298,6 +344,7 @@ mod tests {
             events: &events,
             checkpoint: &cp,
             writes: &Default::default(),
+            encoded: None,
         };
         let records = encoder.encode(&batch).await.unwrap();
         assert_eq!(records.len(), 3, "two events and one tombstone");
@@ -355,6 +402,7 @@ mod tests {
             events: &[],
             checkpoint: &cp,
             writes: &Default::default(),
+            encoded: None,
         };
         let r = checkpoint_record(&Arc::from("graphdelta.checkpoints"), &batch);
         assert_eq!(r.key, "users");

@@ -77,6 +77,16 @@ impl Encoder {
     }
 
     pub fn encode(&self, event: &ChangeEvent) -> Result<Encoded, EncodeError> {
+        self.encode_with(event, None)
+    }
+
+    /// As [`Encoder::encode`], with the event's protobuf encoding if the
+    /// runtime already made it.
+    pub fn encode_with(
+        &self,
+        event: &ChangeEvent,
+        encoded: Option<&[u8]>,
+    ) -> Result<Encoded, EncodeError> {
         let fail = |reason: String| EncodeError {
             event_id: event.event_id.clone(),
             object_id: event.object_id.clone(),
@@ -142,7 +152,7 @@ impl Encoder {
         Ok(Encoded {
             routing_key,
             properties,
-            body: event.encode_to_vec(),
+            body: encoded.map_or_else(|| event.encode_to_vec(), <[u8]>::to_vec),
         })
     }
 }
@@ -188,6 +198,17 @@ mod tests {
         );
         let enc = Encoder::new(RoutingKeyTemplate::parse("gd.{resource}.{type}.{change}").unwrap());
         assert_eq!(enc.routing_key(&event()), "gd.users.user.hard_deleted");
+    }
+
+    #[test]
+    fn a_pre_encoded_body_is_the_body() {
+        let enc = Encoder::new(RoutingKeyTemplate::parse("{tenant}.{stream}.{change}").unwrap());
+        let plain = enc.encode(&event()).unwrap();
+        let body = event().encode_to_vec();
+        let pre = enc.encode_with(&event(), Some(&body)).unwrap();
+        assert_eq!(plain.body, pre.body);
+        assert_eq!(plain.properties, pre.properties);
+        assert_eq!(plain.routing_key, pre.routing_key);
     }
 
     #[test]

@@ -272,10 +272,17 @@ impl Sink for RabbitMqSink {
         if batch.events.is_empty() {
             return Ok(());
         }
+        let encoded = batch
+            .encoded
+            .and_then(|blob| super::split_delimited(blob, batch.events.len()));
         let messages = batch
             .events
             .iter()
-            .map(|e| self.encoder.encode(e))
+            .enumerate()
+            .map(|(i, e)| {
+                self.encoder
+                    .encode_with(e, encoded.as_ref().map(|messages| messages[i]))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
                 SinkError::Permanent(format!("rabbitmq sink: stream `{}`: {e}", batch.stream))
