@@ -9,11 +9,11 @@
 //! Each process has its own checkpoint directory, as on separate machines:
 //! a stream can only continue elsewhere through the state topic.
 
+mod common;
 mod kafka_support;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -27,14 +27,6 @@ use kafka_support::*;
 
 const STREAMS: usize = 12;
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Stream `sNN`: even ones read users, odd ones groups.
 fn stream_name(i: usize) -> String {
@@ -124,7 +116,7 @@ struct Instance {
 
 impl Instance {
     fn start(setup: &Setup, handle: &SimHandle, id: &str) -> Instance {
-        let port = free_port();
+        let port = common::free_port();
         let config = setup.config(handle, id, port);
         let log = config.with_file_name("graphdelta.log");
         let child = Command::new(env!("CARGO_BIN_EXE_graphdelta"))

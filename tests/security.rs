@@ -56,6 +56,16 @@ fn wait(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
 // ---------------------------------------------------------------------
 // The token stays on the Graph host.
 
+/// One `--once` run of a file-sink connector against `server`; the result
+/// and the connector's directory.
+async fn run_against(
+    server: &ScriptedGraph,
+) -> (Result<(), graphdelta::runtime::RunError>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::file_config(&server.base_url(), &server.token_url(), dir.path(), "");
+    (common::run_once(&config).await, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_to_another_host_is_not_followed() {
     let evil = ScriptedGraph::start().await;
@@ -64,9 +74,8 @@ async fn a_redirect_to_another_host_is_not_followed() {
         "/v1.0/users/delta",
         Scripted::status(302, "").header("Location", &format!("{}/users/delta", evil.base_url())),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let config = common::file_config(&server.base_url(), &server.token_url(), dir.path(), "");
-    let err = common::run_once(&config).await.unwrap_err().to_string();
+    let (result, _dir) = run_against(&server).await;
+    let err = result.unwrap_err().to_string();
     assert!(err.contains("redirect"), "{err}");
     assert!(err.contains("not followed"), "{err}");
     assert!(
@@ -77,28 +86,30 @@ async fn a_redirect_to_another_host_is_not_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_with_another_scheme_or_port_gets_no_token() {
-    let server = ScriptedGraph::start().await;
     let other_port = ScriptedGraph::start().await;
-    for (link, names) in [
-        (
-            format!("https://{}/v1.0/users/delta?$skiptoken=x", server.addr),
-            format!("https://{}", server.addr),
-        ),
-        (
-            format!("{}/users/delta?$skiptoken=x", other_port.base_url()),
-            other_port.addr.to_string(),
-        ),
-    ] {
+    for other_scheme in [true, false] {
         let server = ScriptedGraph::start().await;
+        // The same host and port over https, or the same host on another
+        // port.
+        let (link, names) = if other_scheme {
+            (
+                format!("https://{}/v1.0/users/delta?$skiptoken=x", server.addr),
+                format!("https://{}", server.addr),
+            )
+        } else {
+            (
+                format!("{}/users/delta?$skiptoken=x", other_port.base_url()),
+                other_port.addr.to_string(),
+            )
+        };
         server.on(
             "/v1.0/users/delta",
             Scripted::json(format!(
                 r#"{{"@odata.nextLink":"{link}","value":[{{"id":"a","displayName":"A"}}]}}"#
             )),
         );
-        let dir = tempfile::tempdir().unwrap();
-        let config = common::file_config(&server.base_url(), &server.token_url(), dir.path(), "");
-        let err = common::run_once(&config).await.unwrap_err().to_string();
+        let (result, dir) = run_against(&server).await;
+        let err = result.unwrap_err().to_string();
         assert!(err.contains("refusing to send the token"), "{err}");
         assert!(err.contains(&names), "names {names}: {err}");
         assert!(common::read_events(&common::events_path(dir.path())).is_empty());
@@ -125,9 +136,8 @@ async fn a_410_location_on_another_host_is_ignored() {
         "/v1.0/users/delta",
         Scripted::fixture("users-delta-walkthrough/3-final.json"),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let config = common::file_config(&server.base_url(), &server.token_url(), dir.path(), "");
-    common::run_once(&config).await.unwrap();
+    let (result, dir) = run_against(&server).await;
+    result.unwrap();
     assert!(
         evil.requests().is_empty(),
         "the Location host got a request"

@@ -6,7 +6,6 @@ mod common;
 mod rabbitmq_util;
 
 use std::{
-    net::TcpListener,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -19,14 +18,6 @@ use graphdelta::{
     replay::Materializer,
     simulator::{ChurnSpec, SimConfig, Simulator},
 };
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn write_config(dir: &Path, base: &str, token: &str, http_port: u16) -> std::path::PathBuf {
     let path = dir.join("connector.toml");
@@ -88,23 +79,6 @@ fn spawn(config: &Path, log: &Path, once: bool) -> Child {
         .unwrap()
 }
 
-async fn get(url: &str) -> Option<(u16, String)> {
-    let r = reqwest::get(url).await.ok()?;
-    let status = r.status().as_u16();
-    Some((status, r.text().await.unwrap_or_default()))
-}
-
-async fn poll<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
@@ -131,30 +105,30 @@ async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let config = write_config(dir.path(), &handle.base_url(), &handle.token_url(), port);
     let log = dir.path().join("run1.log");
     let mut child = spawn(&config, &log, false);
     let base = format!("http://127.0.0.1:{port}");
 
-    poll("liveness", Duration::from_secs(30), async || {
-        get(&format!("{base}/health/live"))
+    common::poll("liveness", Duration::from_secs(30), async || {
+        common::get(&format!("{base}/health/live"))
             .await
             .filter(|(s, _)| *s == 200)
     })
     .await;
-    poll("readiness", Duration::from_secs(30), async || {
-        get(&format!("{base}/health/ready"))
+    common::poll("readiness", Duration::from_secs(30), async || {
+        common::get(&format!("{base}/health/ready"))
             .await
             .filter(|(s, _)| *s == 200)
     })
     .await;
     // Mid-round: the initial sync is under way (40 ms per page).
-    let status: serde_json::Value = poll(
+    let status: serde_json::Value = common::poll(
         "a few pages of the initial round",
         Duration::from_secs(30),
         async || {
-            let (_, body) = get(&format!("{base}/status")).await?;
+            let (_, body) = common::get(&format!("{base}/status")).await?;
             let v: serde_json::Value = serde_json::from_str(&body).ok()?;
             let users = v["streams"]
                 .as_array()?
@@ -176,7 +150,7 @@ async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
     assert!(users["events"]["created"].as_u64().unwrap() > 0);
     assert!(status["ready"].as_bool().unwrap());
 
-    let (code, metrics) = get(&format!("{base}/metrics")).await.unwrap();
+    let (code, metrics) = common::get(&format!("{base}/metrics")).await.unwrap();
     assert_eq!(code, 200);
     for name in [
         "graphdelta_events_published_total{stream=\"users\",change=\"created\"}",
@@ -299,7 +273,7 @@ async fn readiness_reports_a_sink_outage_and_recovers() {
     via_switch.set_port(Some(switch.port)).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let config = dir.path().join("connector.toml");
     std::fs::write(
         &config,
@@ -351,14 +325,14 @@ probe_interval = "200ms"
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let ready = async || get(&format!("{base}/health/ready")).await;
-    poll("ready", Duration::from_secs(30), async || {
+    let ready = async || common::get(&format!("{base}/health/ready")).await;
+    common::poll("ready", Duration::from_secs(30), async || {
         ready().await.filter(|(s, _)| *s == 200)
     })
     .await;
 
     switch.set(false);
-    let (_, reason) = poll(
+    let (_, reason) = common::poll(
         "not ready while the broker is away",
         Duration::from_secs(30),
         async || ready().await.filter(|(s, _)| *s == 503),
@@ -371,7 +345,7 @@ probe_interval = "200ms"
     );
 
     switch.set(true);
-    poll("ready again", Duration::from_secs(30), async || {
+    common::poll("ready again", Duration::from_secs(30), async || {
         ready().await.filter(|(s, _)| *s == 200)
     })
     .await;
