@@ -8,6 +8,7 @@
 //! | name | where the process dies |
 //! |---|---|
 //! | `fetched` | a delta page was read from Graph, before the pipeline saw it (mid-fetch) |
+//! | `mid_record` | half of the batch's outbox record is written (a torn record), before the sink sees the batch |
 //! | `mid_publish` | the batch is partly handed to the sink: file sink: half of its bytes written (a torn line); Kafka: records queued, delivery reports not yet received; RabbitMQ: messages published, confirms not yet received |
 //! | `acked` | the sink acknowledged the batch; its checkpoint is not committed (between ack and commit) |
 //! | `committing` | inside the checkpoint's SQLite transaction, every row written, before `COMMIT` (mid-commit) |
@@ -31,6 +32,7 @@ pub const ENV: &str = "GRAPHDELTA_FAILPOINT";
 /// Every failpoint, in the order a batch reaches them.
 pub const NAMES: &[&str] = &[
     "fetched",
+    "mid_record",
     "mid_publish",
     "acked",
     "committing",

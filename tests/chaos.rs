@@ -89,6 +89,7 @@ impl std::fmt::Display for Phase {
 const PHASES: &[Phase] = &[
     Phase::Random,
     Phase::Failpoint("fetched"),
+    Phase::Failpoint("mid_record"),
     Phase::Failpoint("mid_publish"),
     Phase::Failpoint("acked"),
     Phase::Failpoint("committing"),
@@ -314,7 +315,7 @@ impl Run {
             // Keep the evidence: the sink's file, the store, the log.
             let kept = self.dir.path().with_extension("kept");
             let _ = std::fs::remove_dir_all(&kept);
-            if copy_dir(self.dir.path(), &kept).is_ok() {
+            if common::copy_dir(self.dir.path(), &kept).is_ok() {
                 eprintln!("{what}[{sink}]: files kept in {}", kept.display());
             }
         }
@@ -336,20 +337,6 @@ impl Run {
             show(&figures.disorder)
         );
     }
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let path = entry?.path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target)?;
-        } else {
-            std::fs::copy(&path, &target)?;
-        }
-    }
-    Ok(())
 }
 
 fn tail(log: &Path) -> String {
@@ -652,6 +639,72 @@ async fn a_crash_in_a_resync_round_keeps_what_quiet_pages_saw() {
     let mut figures = Figures::default();
     run.catch_up_and_check(&mut figures).await;
     run.report("resync crash", &figures);
+}
+
+/// The outbox segments under a run's store, with their sizes.
+fn outbox_segments(run: &Run) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(run.dir.path().join("state")).unwrap() {
+        let dir = entry.unwrap().path();
+        if dir.extension().is_some_and(|e| e == "outbox") {
+            for segment in std::fs::read_dir(&dir).unwrap() {
+                let path = segment.unwrap().path();
+                let len = std::fs::metadata(&path).unwrap().len();
+                out.push((path, len));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A crash while a batch's outbox record is half written: the sink never
+/// saw the batch, so the restart skips the torn record, reads the page
+/// again and records in a segment of its own; once everything is
+/// committed, no segment is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_outbox_record_is_skipped_and_its_page_read_again() {
+    let run = small_run(SimConfig {
+        users: 30,
+        groups: 3,
+        members_per_group: 4,
+        page_size: 5,
+        seed: 13,
+        ..SimConfig::default()
+    })
+    .await;
+    assert!(
+        outbox_segments(&run).is_empty(),
+        "a finished run leaves no segment: {:?}",
+        outbox_segments(&run)
+    );
+    let file = run.dir.path().join("events.ndjson");
+    let published = common::read_events(&file).len();
+    run.simulator.churn(&ChurnSpec::mixed(20));
+    // The second record of the run: the first one is whole.
+    let (status, log) = once(&run, Some("mid_record@2")).await;
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "expected an abort at mid_record: {log}"
+    );
+    let torn = outbox_segments(&run);
+    assert!(
+        torn.iter().any(|(_, len)| *len > 0),
+        "the crash left the records behind: {torn:?}"
+    );
+    assert!(common::read_events(&file).len() >= published);
+
+    let (status, log) = once(&run, None).await;
+    assert!(status.success(), "the run after the crash failed: {log}");
+    assert!(
+        outbox_segments(&run).is_empty(),
+        "every batch committed, yet segments are left: {:?}",
+        outbox_segments(&run)
+    );
+    let mut figures = Figures::default();
+    run.catch_up_and_check(&mut figures).await;
+    run.report("torn record", &figures);
 }
 
 /// Changes inferred by the reconciliation after a resync are recorded in

@@ -8,6 +8,7 @@
 //! at-least-once restart (a checkpoint rolled back, the same batches
 //! published again) must fold away.
 
+mod common;
 mod kafka_support;
 mod rabbitmq_util;
 
@@ -168,15 +169,7 @@ async fn churn_and_check(
 /// broker's ack and the commit.
 fn roll_back(state: &Path, saved: &Path) {
     std::fs::remove_dir_all(state).unwrap();
-    copy_dir(saved, state);
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
+    common::copy_dir(saved, state).unwrap();
 }
 
 fn file_sink(dir: &Path) -> String {
@@ -378,7 +371,7 @@ async fn duplicates_from_an_at_least_once_restart_fold_away() {
     run_once(&config).await;
     simulator.churn(&ChurnSpec::mixed(80));
     run_once(&config).await;
-    copy_dir(&state_dir, &saved);
+    common::copy_dir(&state_dir, &saved).unwrap();
     let events = dir.path().join("events.ndjson");
     let before = std::fs::read_to_string(&events).unwrap().lines().count();
 
@@ -436,7 +429,7 @@ async fn kafka_topics_replay_into_the_truth_including_duplicates() {
     // An at-least-once restart: the last round published twice.
     let state_dir = dir.path().join("state");
     let saved = dir.path().join("saved-state");
-    copy_dir(&state_dir, &saved);
+    common::copy_dir(&state_dir, &saved).unwrap();
     simulator.churn(&ChurnSpec::mixed(80));
     run_once(&config).await;
     roll_back(&state_dir, &saved);
@@ -471,7 +464,7 @@ async fn a_rabbitmq_stream_queue_replays_into_the_truth() {
     // An at-least-once restart: the last round published twice.
     let state_dir = dir.path().join("state");
     let saved = dir.path().join("saved-state");
-    copy_dir(&state_dir, &saved);
+    common::copy_dir(&state_dir, &saved).unwrap();
     simulator.churn(&ChurnSpec::mixed(80));
     run_once(&config).await;
     roll_back(&state_dir, &saved);
@@ -772,7 +765,7 @@ async fn verify_rolls_a_copy_of_the_store_forward_to_the_exactly_once_checkpoint
     let seq = || kafka_support::committed_seq(dir.path(), "users").unwrap();
 
     run_once(&config).await;
-    copy_dir(&state_dir, &saved);
+    common::copy_dir(&state_dir, &saved).unwrap();
     let before = seq();
     simulator.churn(&ChurnSpec::mixed(20));
     run_once(&config).await;

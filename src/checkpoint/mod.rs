@@ -25,9 +25,9 @@
 //! the same `object_version` to different content (a new event id), or no
 //! event at all if the object changed back: a consumer that had the
 //! pre-crash event would keep it. So every batch that changes the memory
-//! is written to the `outbox` table (events, memory changes, checkpoint)
-//! before it is handed to the sink, and a commit deletes the outbox rows it
-//! covers. On start, the runtime publishes what the outbox still holds,
+//! is appended to the outbox (events, memory changes, checkpoint; files
+//! beside the store, see [`outbox`]) before it is handed to the sink, and a
+//! commit makes the records it covers obsolete. On start, the runtime publishes what the outbox still holds,
 //! unchanged and in order, and commits it, before it reads any page: events
 //! re-published after a crash are byte-for-byte the ones published before
 //! it. Batches without events are recorded too when they change the memory
@@ -38,7 +38,10 @@
 //! the sink is handed that same blob: encoded once, on the normalizer's
 //! thread. Cost: see the README's Performance section.
 
+pub mod outbox;
+
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -61,9 +64,11 @@ use crate::{
 /// [`Sink::encoding`]: crate::sink::Sink::encoding
 pub struct OutboxRow {
     seq: u64,
-    record: Vec<u8>,
-    /// The events, in `encoding`.
-    pub events: Vec<u8>,
+    /// The outbox record ([`outbox::frame`]); for a row read back from the
+    /// outbox, just its events.
+    frame: Vec<u8>,
+    /// Where in `frame` the events begin.
+    events_at: usize,
     pub encoding: EventsEncoding,
     recorded: bool,
 }
@@ -81,10 +86,13 @@ impl OutboxRow {
             events_encoding: encoding as i32,
         }
         .encode_to_vec();
+        let (frame, events_at) = outbox::frame(checkpoint.batch_seq, &record, |buf| {
+            crate::sink::encode_events_into(encoding, events, buf)
+        });
         OutboxRow {
             seq: checkpoint.batch_seq,
-            record,
-            events: crate::sink::encode_events(encoding, events),
+            frame,
+            events_at,
             encoding,
             recorded: false,
         }
@@ -94,11 +102,21 @@ impl OutboxRow {
     pub fn recorded(pending: &mut PendingBatch) -> OutboxRow {
         OutboxRow {
             seq: pending.checkpoint.batch_seq,
-            record: Vec::new(),
-            events: std::mem::take(&mut pending.encoded),
+            frame: std::mem::take(&mut pending.encoded),
+            events_at: 0,
             encoding: pending.encoding,
             recorded: true,
         }
+    }
+
+    /// The events, in `encoding`: what the sink is handed.
+    pub fn events(&self) -> &[u8] {
+        &self.frame[self.events_at..]
+    }
+
+    /// Bytes held: the record and the events.
+    pub fn size(&self) -> usize {
+        self.frame.len()
     }
 
     /// True once the row is in the outbox.
@@ -138,6 +156,8 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     stream: String,
+    /// Opened on first use (readers never use it).
+    outbox: Option<outbox::OutboxLog>,
     /// Cluster mode: writes each commit to the shared state topic first.
     mirror: Option<Box<dyn CommitMirror>>,
 }
@@ -202,6 +222,29 @@ pub fn store_path(dir: &Path, stream: &str) -> PathBuf {
     dir.join(format!("{stream}.sqlite3"))
 }
 
+/// The directory of a stream's outbox (see [`outbox`]).
+fn outbox_dir(store: &Path) -> PathBuf {
+    store.with_extension("outbox")
+}
+
+/// A file error of the store, with the fix where there is one.
+fn io_error(path: PathBuf, what: &str, e: &std::io::Error) -> CheckpointError {
+    use std::io::ErrorKind;
+    let hint = match e.kind() {
+        ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied => {
+            " (the store is read-only: check the permissions of checkpoint.path and the disk)"
+        }
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            " (the disk is full: free space; nothing was committed)"
+        }
+        _ => "",
+    };
+    CheckpointError {
+        path,
+        message: format!("{what}: {e}{hint}"),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store of `stream` under `dir`.
     pub fn open(dir: &Path, stream: &str) -> Result<Store, CheckpointError> {
@@ -221,6 +264,7 @@ impl Store {
             conn,
             path: path.clone(),
             stream: stream.to_string(),
+            outbox: None,
             mirror: None,
         };
         store.init().map_err(|e| store.err(e))?;
@@ -250,6 +294,7 @@ impl Store {
             conn,
             path,
             stream: stream.to_string(),
+            outbox: None,
             mirror: None,
         }))
     }
@@ -269,6 +314,7 @@ impl Store {
             conn,
             path: self.path.clone(),
             stream: self.stream.clone(),
+            outbox: None,
             mirror: None,
         })
     }
@@ -580,7 +626,11 @@ impl Store {
                 .execute([checkpoint.batch_seq as i64])?;
         }
         crate::failpoint::hit("committing");
-        tx.commit()
+        tx.commit()?;
+        if let Some(log) = &mut self.outbox {
+            log.committed(checkpoint.batch_seq);
+        }
+        Ok(())
     }
 
     /// Records a batch about to be handed to the sink (see "The outbox"),
@@ -589,25 +639,49 @@ impl Store {
         if row.recorded {
             return Ok(());
         }
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO outbox (seq, record, events) VALUES (?1, ?2, ?3)",
-            )
-            .and_then(|mut s| s.execute(params![row.seq as i64, &row.record, &row.events]))
-            .map_err(|e| self.err(e))?;
+        self.outbox_log()?
+            .append_framed(row.seq, &row.frame)
+            .map_err(|(path, e)| io_error(path, "cannot write the outbox", &e))?;
         row.recorded = true;
-        row.record = Vec::new();
         Ok(())
     }
 
-    /// The outbox, oldest batch first.
-    pub fn outbox(&self) -> Result<Vec<PendingBatch>, CheckpointError> {
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = self
+    /// The stream's outbox, opened on first use.
+    fn outbox_log(&mut self) -> Result<&mut outbox::OutboxLog, CheckpointError> {
+        if self.outbox.is_none() {
+            let dir = outbox_dir(&self.path);
+            let log = outbox::OutboxLog::open(&dir)
+                .map_err(|e| io_error(dir, "cannot read the outbox", &e))?;
+            self.outbox = Some(log);
+        }
+        Ok(self.outbox.as_mut().expect("opened above"))
+    }
+
+    /// The outbox: the batches after the committed checkpoint, oldest
+    /// first. Rows of the `outbox` table, where versions before the outbox
+    /// files recorded them, come first (a commit deletes those it covers).
+    pub fn outbox(&mut self) -> Result<Vec<PendingBatch>, CheckpointError> {
+        let mut rows: BTreeMap<u64, (Vec<u8>, Vec<u8>)> = self
             .conn
-            .prepare_cached("SELECT record, events FROM outbox ORDER BY seq")
-            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .prepare_cached("SELECT seq, record, events FROM outbox ORDER BY seq")
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, (r.get(1)?, r.get(2)?)))
+                })?
+                .collect()
+            })
             .map_err(|e| self.err(e))?;
-        rows.into_iter()
+        let committed = self.load_checkpoint()?.map_or(0, |c| c.batch_seq);
+        let log = self.outbox_log()?;
+        let recorded = log
+            .pending(committed)
+            .map_err(|e| io_error(log.dir().to_path_buf(), "cannot read the outbox", &e))?;
+        rows.extend(
+            recorded
+                .into_iter()
+                .map(|(seq, entry)| (seq, (entry.record, entry.events))),
+        );
+        rows.into_values()
             .map(|(record, events)| {
                 let corrupt = |e: prost::DecodeError| self.err(format!("corrupt outbox row: {e}"));
                 let record = CheckpointRecord::decode(record.as_slice()).map_err(corrupt)?;
@@ -782,6 +856,12 @@ pub fn reset(dir: &Path, stream: &str) -> Result<bool, CheckpointError> {
             }
         }
     }
+    let outbox = outbox_dir(&path);
+    match std::fs::remove_dir_all(&outbox) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(outbox, "cannot remove", &e)),
+    }
     Ok(existed)
 }
 
@@ -877,7 +957,7 @@ mod tests {
         };
         let mut json = OutboxRow::encode(&cp(1), &w, &events, EventsEncoding::JsonLines);
         let mut proto = OutboxRow::encode(&cp(2), &w, &events, EventsEncoding::ProtobufDelimited);
-        let (json_bytes, proto_bytes) = (json.events.clone(), proto.events.clone());
+        let (json_bytes, proto_bytes) = (json.events().to_vec(), proto.events().to_vec());
         s.put_outbox(&mut json).unwrap();
         s.put_outbox(&mut proto).unwrap();
         assert!(json.is_recorded() && proto.is_recorded());

@@ -218,9 +218,9 @@ impl NormalizeStage {
             writes: normalized.writes,
             checkpoint: next.clone(),
             objects: object_count,
-            // The encoded events live as long as the batch: they count
-            // against the in-flight bound too.
-            bytes: bytes + outbox.as_ref().map_or(0, |row| row.events.len()),
+            // The outbox record (encoded events included) lives as long as
+            // the batch is in flight: it counts against the bound too.
+            bytes: bytes + outbox.as_ref().map_or(0, OutboxRow::size),
             ends_round,
             outbox,
         })
@@ -1122,7 +1122,7 @@ fn encoded_for<'a>(sink: &dyn Sink, batch: &'a Batch) -> Option<&'a [u8]> {
         .outbox
         .as_ref()
         .filter(|row| row.encoding == sink.encoding())
-        .map(|row| row.events.as_slice())
+        .map(OutboxRow::events)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

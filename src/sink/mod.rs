@@ -204,25 +204,30 @@ pub fn encode_json_lines(events: &[ChangeEvent], buf: &mut Vec<u8>) {
 
 /// A batch's events as one blob in `encoding`.
 pub fn encode_events(encoding: EventsEncoding, events: &[ChangeEvent]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_events_into(encoding, events, &mut buf);
+    buf
+}
+
+/// [`encode_events`], appending to `buf`.
+pub fn encode_events_into(encoding: EventsEncoding, events: &[ChangeEvent], buf: &mut Vec<u8>) {
     use prost::Message as _;
     match encoding {
         EventsEncoding::JsonLines => {
-            let mut buf = Vec::with_capacity(events.len() * 512);
-            encode_json_lines(events, &mut buf);
-            buf
+            buf.reserve(events.len() * 512);
+            encode_json_lines(events, buf);
         }
         EventsEncoding::ProtobufDelimited => {
             let lens: Vec<usize> = events.iter().map(|e| e.encoded_len()).collect();
-            let total = lens
+            let total: usize = lens
                 .iter()
                 .map(|l| l + prost::encoding::encoded_len_varint(*l as u64))
                 .sum();
-            let mut buf = Vec::with_capacity(total);
+            buf.reserve(total);
             for (e, len) in events.iter().zip(lens) {
-                prost::encoding::encode_varint(len as u64, &mut buf);
-                e.encode_raw(&mut buf);
+                prost::encoding::encode_varint(len as u64, buf);
+                e.encode_raw(buf);
             }
-            buf
         }
     }
 }

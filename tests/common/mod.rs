@@ -365,3 +365,19 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Copies a directory and everything under it (a stream's store is a
+/// SQLite file and its outbox directory).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let path = entry?.path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target)?;
+        } else {
+            std::fs::copy(&path, &target)?;
+        }
+    }
+    Ok(())
+}
