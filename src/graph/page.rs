@@ -49,12 +49,28 @@ struct RawPage {
 /// Parses and checks a page body. The error explains what is wrong without
 /// quoting the body (which may be large or hold personal data).
 pub fn parse_page(body: &[u8]) -> Result<Page, String> {
-    let raw: RawPage = serde_json::from_slice(body).map_err(|e| {
+    let truncated = || {
+        format!(
+            "body ends early ({} bytes received): truncated response",
+            body.len()
+        )
+    };
+    // Checked once for the whole body (ASCII runs a word at a time), so
+    // that the parser need not check every string it reads.
+    let text = match std::str::from_utf8(body) {
+        Ok(text) => text,
+        // A character cut off at the end.
+        Err(e) if e.error_len().is_none() => return Err(truncated()),
+        Err(e) => {
+            return Err(format!(
+                "invalid JSON: the body is not UTF-8 (at byte {})",
+                e.valid_up_to()
+            ));
+        }
+    };
+    let raw: RawPage = serde_json::from_str(text).map_err(|e| {
         if e.is_eof() {
-            format!(
-                "body ends early ({} bytes received): truncated response",
-                body.len()
-            )
+            truncated()
         } else {
             format!("invalid JSON: {e}")
         }
@@ -141,6 +157,25 @@ mod tests {
             parse_page(br#"{"@odata.deltaLink":"d"}"#)
                 .unwrap_err()
                 .contains("value")
+        );
+        // Cut inside a character, or not UTF-8 at all.
+        let accented = r#"{"@odata.deltaLink":"d","value":[{"id":"a","displayName":"Zoë"}]}"#;
+        let cut = accented.find('ë').unwrap() + 1;
+        assert!(
+            parse_page(&accented.as_bytes()[..cut])
+                .unwrap_err()
+                .contains("truncated")
+        );
+        let mut latin1 = accented.as_bytes().to_vec();
+        latin1.splice(cut - 1..cut + 1, [0xeb]);
+        let err = parse_page(&latin1).unwrap_err();
+        assert!(
+            err.contains("not UTF-8") && err.contains(&format!("byte {}", cut - 1)),
+            "{err}"
+        );
+        assert_eq!(
+            parse_page(accented.as_bytes()).unwrap().objects[0]["displayName"],
+            "Zoë"
         );
         // Microsoft's own example 3 of directoryObject delta has a trailing comma.
         assert!(
