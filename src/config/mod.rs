@@ -270,7 +270,8 @@ impl StreamConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// Directory of the store (one SQLite file per stream).
+    /// Directory of the store (per stream: a SQLite file and an outbox
+    /// directory).
     #[serde(default = "default_checkpoint_path")]
     pub path: PathBuf,
 }
@@ -298,9 +299,9 @@ pub struct RuntimeConfig {
     /// are still committed strictly in order.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_batches: usize,
-    /// ... and at most this many bytes of Graph pages and the events encoded
-    /// from them (per stream; one batch is always allowed): memory stays
-    /// bounded whatever the page size.
+    /// ... and at most this many bytes of Graph pages and the outbox records
+    /// made from them (events and memory changes; per stream; one batch is
+    /// always allowed): memory stays bounded whatever the page size.
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: usize,
     /// Acknowledged batches are committed together at least this often (and
