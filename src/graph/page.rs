@@ -121,6 +121,19 @@ mod tests {
             .unwrap();
         assert_eq!(p.link, PageLink::Next("https://g/next".into()));
         assert_eq!(p.objects.len(), 1);
+        // Keys sorted, a repeated key keeps its last value, nested objects
+        // and arrays as they were.
+        let p = parse_page(
+            br#"{"@odata.nextLink":"n","value":[{"z":[1,{"b":2,"a":1}],"id":"a","x":1,"x":2,"m":{}}]}"#,
+        )
+        .unwrap();
+        let o = &p.objects[0];
+        assert_eq!(o.keys().collect::<Vec<_>>(), ["id", "m", "x", "z"]);
+        assert_eq!(o["x"], 2);
+        assert_eq!(
+            serde_json::Value::Object(o.clone()),
+            serde_json::json!({"id":"a","x":2,"m":{},"z":[1,{"a":1,"b":2}]})
+        );
         let p =
             parse_page(br#"{"@odata.context":"c","@odata.deltaLink":"https://g/d","value":[]}"#)
                 .unwrap();
@@ -143,11 +156,16 @@ mod tests {
                 .unwrap_err()
                 .contains("no `id`")
         );
-        assert!(
-            parse_page(br#"{"@odata.deltaLink":"d","value":[1]}"#)
-                .unwrap_err()
-                .contains("not a JSON object")
-        );
+        for not_an_object in ["1", "\"a\"", "null", "true", "[1,[2]]", "-1.5"] {
+            let body =
+                format!(r#"{{"@odata.deltaLink":"d","value":[{{"id":"a"}},{not_an_object}]}}"#);
+            assert!(
+                parse_page(body.as_bytes())
+                    .unwrap_err()
+                    .contains("value[1] is not a JSON object"),
+                "{body}"
+            );
+        }
         assert!(
             parse_page(br#"{"@odata.deltaLink":"d","@odata.nextLink":"n","value":[]}"#)
                 .unwrap_err()
