@@ -27,7 +27,8 @@
 //! pre-crash event would keep it. So every batch that changes the memory
 //! is appended to the outbox (events, memory changes, checkpoint; files
 //! beside the store, see [`outbox`]) before it is handed to the sink, and a
-//! commit makes the records it covers obsolete. On start, the runtime publishes what the outbox still holds,
+//! commit makes the records it covers obsolete. On start, the runtime
+//! publishes what the outbox holds past the committed checkpoint,
 //! unchanged and in order, and commits it, before it reads any page: events
 //! re-published after a crash are byte-for-byte the ones published before
 //! it. Batches without events are recorded too when they change the memory
@@ -227,21 +228,34 @@ fn outbox_dir(store: &Path) -> PathBuf {
     store.with_extension("outbox")
 }
 
-/// A file error of the store, with the fix where there is one.
-fn io_error(path: PathBuf, what: &str, e: &std::io::Error) -> CheckpointError {
+/// The fix for a store error, from SQLite's message or the file error's
+/// kind; empty when there is none to suggest.
+fn hint(message: &str, kind: Option<std::io::ErrorKind>) -> &'static str {
     use std::io::ErrorKind;
-    let hint = match e.kind() {
-        ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied => {
-            " (the store is read-only: check the permissions of checkpoint.path and the disk)"
-        }
-        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
-            " (the disk is full: free space; nothing was committed)"
-        }
-        _ => "",
-    };
+    let read_only = matches!(
+        kind,
+        Some(ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied)
+    );
+    let full = matches!(
+        kind,
+        Some(ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+    );
+    if read_only || message.contains("readonly") || message.contains("read-only") {
+        " (the store is read-only: check the permissions of checkpoint.path and the disk)"
+    } else if full || message.contains("full") {
+        " (the disk is full: free space; nothing was committed)"
+    } else if message.contains("locked") || message.contains("busy") {
+        " (another process holds the store: is a second graphdelta running with the same checkpoint.path?)"
+    } else {
+        ""
+    }
+}
+
+/// A file error of the store (the outbox's files), with the fix.
+fn io_error(path: PathBuf, what: &str, e: &std::io::Error) -> CheckpointError {
     CheckpointError {
         path,
-        message: format!("{what}: {e}{hint}"),
+        message: format!("{what}: {e}{}", hint("", Some(e.kind()))),
     }
 }
 
@@ -378,15 +392,7 @@ impl Store {
 
     fn err(&self, e: impl std::fmt::Display) -> CheckpointError {
         let message = e.to_string();
-        let hint = if message.contains("readonly") || message.contains("read-only") {
-            " (the store is read-only: check the permissions of checkpoint.path and the disk)"
-        } else if message.contains("full") {
-            " (the disk is full: free space; nothing was committed)"
-        } else if message.contains("locked") || message.contains("busy") {
-            " (another process holds the store: is a second graphdelta running with the same checkpoint.path?)"
-        } else {
-            ""
-        };
+        let hint = hint(&message, None);
         CheckpointError {
             path: self.path.clone(),
             message: format!("{message}{hint}"),

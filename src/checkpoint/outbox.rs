@@ -72,11 +72,12 @@ impl OutboxLog {
                         .and_then(|n| n.strip_suffix(".log"))
                         .and_then(|n| n.parse::<u64>().ok());
                     if let Some(number) = number {
-                        let (entries, bytes) = read_segment(&path)?;
+                        let mut max_seq = 0;
+                        let bytes = scan_segment(&path, |seq, _, _| max_seq = max_seq.max(seq))?;
                         segments.push(Segment {
                             number,
                             path,
-                            max_seq: entries.iter().map(|e| e.seq).max().unwrap_or(0),
+                            max_seq,
                             bytes,
                         });
                     }
@@ -103,16 +104,22 @@ impl OutboxLog {
     pub fn pending(&self, committed: u64) -> io::Result<BTreeMap<u64, Entry>> {
         let mut out = BTreeMap::new();
         for segment in self.segments.iter().filter(|s| s.max_seq > committed) {
-            for entry in read_segment(&segment.path)?.0 {
-                if entry.seq > committed {
-                    out.insert(entry.seq, entry);
+            scan_segment(&segment.path, |seq, record, events| {
+                if seq > committed {
+                    let entry = Entry {
+                        seq,
+                        record: record.to_vec(),
+                        events: events.to_vec(),
+                    };
+                    out.insert(seq, entry);
                 }
-            }
+            })?;
         }
         Ok(out)
     }
 
     /// Frames and appends a record (see [`frame`]).
+    #[cfg(test)]
     pub fn append(
         &mut self,
         seq: u64,
@@ -232,15 +239,15 @@ pub fn frame(seq: u64, record: &[u8], events: impl FnOnce(&mut Vec<u8>)) -> (Vec
     (buf, events_at)
 }
 
-/// The valid records of a segment, and the length of its valid part. A torn
-/// or damaged record ends it.
-fn read_segment(path: &Path) -> io::Result<(Vec<Entry>, u64)> {
+/// Calls `each(seq, record, events)` for the valid records of a segment, in
+/// order; returns the length of its valid part. A torn or damaged record
+/// ends it.
+fn scan_segment(path: &Path, mut each: impl FnMut(u64, &[u8], &[u8])) -> io::Result<u64> {
     let data = match fs::read(path) {
         Ok(data) => data,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let mut entries = Vec::new();
     let mut at = 0;
     while let Some(header) = data.get(at..at + HEADER) {
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
@@ -256,14 +263,10 @@ fn read_segment(path: &Path) -> io::Result<(Vec<Entry>, u64)> {
         let Some(record) = body.get(FIXED..FIXED + record_len) else {
             break;
         };
-        entries.push(Entry {
-            seq,
-            record: record.to_vec(),
-            events: body[FIXED + record_len..].to_vec(),
-        });
+        each(seq, record, &body[FIXED + record_len..]);
         at += HEADER + len;
     }
-    Ok((entries, at as u64))
+    Ok(at as u64)
 }
 
 #[cfg(test)]
