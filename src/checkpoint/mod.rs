@@ -41,6 +41,7 @@
 
 pub mod outbox;
 
+use bytes::Bytes;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -67,9 +68,10 @@ pub struct OutboxRow {
     seq: u64,
     /// The outbox record ([`outbox::frame`]); for a row read back from the
     /// outbox, just its events.
-    frame: Vec<u8>,
-    /// Where in `frame` the events begin.
-    events_at: usize,
+    frame: Bytes,
+    /// The events: the end of `frame`, shared, so that a sink can keep
+    /// them without a copy.
+    events: Bytes,
     pub encoding: EventsEncoding,
     recorded: bool,
 }
@@ -90,10 +92,11 @@ impl OutboxRow {
         let (frame, events_at) = outbox::frame(checkpoint.batch_seq, &record, |buf| {
             crate::sink::encode_events_into(encoding, events, buf)
         });
+        let frame = Bytes::from(frame);
         OutboxRow {
             seq: checkpoint.batch_seq,
+            events: frame.slice(events_at..),
             frame,
-            events_at,
             encoding,
             recorded: false,
         }
@@ -101,18 +104,19 @@ impl OutboxRow {
 
     /// A row read back from the outbox ([`Store::outbox`]).
     pub fn recorded(pending: &mut PendingBatch) -> OutboxRow {
+        let frame = Bytes::from(std::mem::take(&mut pending.encoded));
         OutboxRow {
             seq: pending.checkpoint.batch_seq,
-            frame: std::mem::take(&mut pending.encoded),
-            events_at: 0,
+            events: frame.clone(),
+            frame,
             encoding: pending.encoding,
             recorded: true,
         }
     }
 
     /// The events, in `encoding`: what the sink is handed.
-    pub fn events(&self) -> &[u8] {
-        &self.frame[self.events_at..]
+    pub fn events(&self) -> &Bytes {
+        &self.events
     }
 
     /// Bytes held: the record and the events.

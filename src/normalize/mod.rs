@@ -459,7 +459,8 @@ pub fn event_id(
     inferred: bool,
     content: u64,
 ) -> String {
-    let mut name = Vec::with_capacity(16 + object_id.len() + 18);
+    // namespace, id, separator, version, change, inferred, content.
+    let mut name = Vec::with_capacity(16 + object_id.len() + 1 + 8 + 1 + 1 + 8);
     name.extend_from_slice(ctx.namespace.as_bytes());
     name.extend_from_slice(object_id.as_bytes());
     name.push(0x1f);
@@ -468,10 +469,12 @@ pub fn event_id(
     name.push(inferred as u8);
     name.extend_from_slice(&content.to_le_bytes());
     let digest = xxhash_rust::xxh3::xxh3_128(&name).to_be_bytes();
-    uuid::Builder::from_custom_bytes(digest)
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id: &str = uuid::Builder::from_custom_bytes(digest)
         .into_uuid()
         .hyphenated()
-        .to_string()
+        .encode_lower(&mut text);
+    id.to_owned()
 }
 
 /// Compares the properties with the remembered hashes, updating `state`;

@@ -1117,7 +1117,7 @@ async fn sink_publish(sink: &dyn Sink, stream: &str, batch: &Batch) -> Result<()
 
 /// The batch's events as recorded in the outbox, if the sink writes them
 /// in that encoding.
-fn encoded_for<'a>(sink: &dyn Sink, batch: &'a Batch) -> Option<&'a [u8]> {
+fn encoded_for<'a>(sink: &dyn Sink, batch: &'a Batch) -> Option<&'a bytes::Bytes> {
     batch
         .outbox
         .as_ref()

@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod rabbitmq;
 pub mod stdout;
 
+use bytes::Bytes;
 use std::{path::Path, sync::Arc};
 
 use async_trait::async_trait;
@@ -89,16 +90,17 @@ pub struct OutBatch<'a> {
     /// the runtime has them (encoded once, off the publishing path, and
     /// recorded so in the outbox). Sinks that write that blob as it is use
     /// it; others encode `events` themselves.
-    pub encoded: Option<&'a [u8]>,
+    pub encoded: Option<&'a Bytes>,
 }
 
 impl OutBatch<'_> {
     /// The events as JSON lines: the runtime's encoding if it made one,
     /// else encoded now.
-    pub fn json_lines(&self) -> Vec<u8> {
+    /// It is shared, not copied.
+    pub fn json_lines(&self) -> Bytes {
         match self.encoded {
-            Some(encoded) => encoded.to_vec(),
-            None => encode_events(EventsEncoding::JsonLines, self.events),
+            Some(encoded) => encoded.clone(),
+            None => encode_events(EventsEncoding::JsonLines, self.events).into(),
         }
     }
 }
@@ -196,9 +198,17 @@ pub async fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
 
 /// Appends the canonical JSON of each event plus `\n` to `buf`.
 pub fn encode_json_lines(events: &[ChangeEvent], buf: &mut Vec<u8>) {
-    for event in events {
-        crate::proto::json::write_event(event, buf);
+    let mut writer = crate::proto::json::JsonWriter::default();
+    let start = buf.len();
+    for (i, event) in events.iter().enumerate() {
+        writer.write_event(event, buf);
         buf.push(b'\n');
+        if i == 0 {
+            // Room for the rest at the first one's size and a quarter,
+            // rather than growing (and copying) the batch several times.
+            let first = buf.len() - start;
+            buf.reserve((events.len() - 1) * (first + first / 4));
+        }
     }
 }
 
@@ -213,10 +223,7 @@ pub fn encode_events(encoding: EventsEncoding, events: &[ChangeEvent]) -> Vec<u8
 pub fn encode_events_into(encoding: EventsEncoding, events: &[ChangeEvent], buf: &mut Vec<u8>) {
     use prost::Message as _;
     match encoding {
-        EventsEncoding::JsonLines => {
-            buf.reserve(events.len() * 512);
-            encode_json_lines(events, buf);
-        }
+        EventsEncoding::JsonLines => encode_json_lines(events, buf),
         EventsEncoding::ProtobufDelimited => {
             let lens: Vec<usize> = events.iter().map(|e| e.encoded_len()).collect();
             let total: usize = lens

@@ -55,7 +55,7 @@ impl FileSinkConfig {
 
 /// A batch's lines and who waits for them to be durable.
 struct Job {
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
     done: tokio::sync::oneshot::Sender<std::io::Result<()>>,
 }
 

@@ -308,7 +308,10 @@ mod tests {
                 .unwrap()
                 .clone(),
         ));
-        let blob = crate::sink::encode_events(EventsEncoding::ProtobufDelimited, &events);
+        let blob = bytes::Bytes::from(crate::sink::encode_events(
+            EventsEncoding::ProtobufDelimited,
+            &events,
+        ));
         let cp = StreamCheckpoint::default();
         let writes = Default::default();
         let batch = |encoded| OutBatch {
@@ -325,7 +328,10 @@ mod tests {
         assert_eq!(values(&plain), values(&pre));
         assert_eq!(plain.len(), 4);
         // A blob that does not match the events is not used.
-        let short = crate::sink::encode_events(EventsEncoding::ProtobufDelimited, &events[..2]);
+        let short = bytes::Bytes::from(crate::sink::encode_events(
+            EventsEncoding::ProtobufDelimited,
+            &events[..2],
+        ));
         let fallback = encoder.encode(&batch(Some(&short))).await.unwrap();
         assert_eq!(values(&plain), values(&fallback));
     }
