@@ -467,6 +467,17 @@ impl Store {
         Ok(found)
     }
 
+    /// Whether the memory has no objects, and no memberships.
+    pub fn is_empty(&self) -> Result<(bool, bool), CheckpointError> {
+        self.conn
+            .query_row(
+                "SELECT NOT EXISTS (SELECT 1 FROM objects), NOT EXISTS (SELECT 1 FROM members)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))
+    }
+
     fn decode_state(&self, seen_round: i64, blob: &[u8]) -> Result<ObjectState, CheckpointError> {
         let mut state = ObjectState::decode(blob)
             .map_err(|e| self.err(format!("object state is corrupt: {e}")))?;

@@ -23,6 +23,7 @@
 //! same page from the same committed memory, as after a crash, yields the
 //! same ids.
 
+pub mod filter;
 pub mod hash;
 pub mod memory;
 

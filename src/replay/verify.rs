@@ -432,7 +432,8 @@ mod tests {
                 .collect();
             let overlay = crate::normalize::memory::Overlay::default();
             let n = {
-                let mut view = overlay.view(&memory);
+                let written = crate::normalize::filter::WrittenFilter::default();
+                let mut view = overlay.view(&memory, &written);
                 normalize_page(&ctx, &RoundContext::now(1, false), objects, &mut view).unwrap()
             };
             let cp = StreamCheckpoint {

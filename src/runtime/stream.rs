@@ -44,6 +44,7 @@ use crate::{
     checkpoint::{CheckpointError, OutboxRow, Store},
     config::{ResolvedStream, RuntimeConfig, StartFrom},
     graph::{GraphClient, GraphError, Page, client::FetchOptions},
+    normalize::filter::WrittenFilter,
     normalize::{
         self, NormalizeError, RoundContext, StreamContext,
         memory::{MemberKey, Overlay, StateWrites},
@@ -144,6 +145,9 @@ struct NormalizeStage {
     host: String,
     /// The sink's encoding of events (see `OutboxRow`).
     encoding: EventsEncoding,
+    /// What this round wrote, if the memory was empty when it began: the
+    /// first sync's lookups of ids never seen skip the store.
+    written: WrittenFilter,
 }
 
 impl NormalizeStage {
@@ -173,7 +177,7 @@ impl NormalizeStage {
         let bytes = page.body_bytes;
         let mut overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
         let normalized = {
-            let mut view = overlay.view(&self.store);
+            let mut view = overlay.view(&self.store, &self.written);
             normalize::normalize_page(&self.ctx, &round, page.objects, &mut view)
         }
         .map_err(|source| match source {
@@ -199,6 +203,14 @@ impl NormalizeStage {
             next.link_is_delta = true;
         }
         next.committed_at = Some(normalize::timestamp(std::time::SystemTime::now()));
+        // Recorded before the overlay holds them: from then on they may be
+        // committed at any time.
+        for id in normalized.writes.objects.keys() {
+            self.written.add_object(id);
+        }
+        for key in normalized.writes.members.keys() {
+            self.written.add_member(key);
+        }
         overlay.apply(next.batch_seq, &normalized.writes);
         drop(overlay);
         // Encoded here, off the task that publishes and commits; recorded
@@ -654,7 +666,11 @@ impl StreamRunner {
         // committing on this task, and with fetching on the fetcher's.
         let overlay = Arc::new(std::sync::Mutex::new(Overlay::default()));
         let reader = self.store().reader().map_err(|e| self.store_err(e))?;
+        // Read before this round writes anything (the previous round's
+        // batches are all committed by now).
+        let (no_objects, no_members) = reader.is_empty().map_err(|e| self.store_err(e))?;
         let stage = NormalizeStage {
+            written: WrittenFilter::new(no_objects, no_members),
             ctx: self.ctx.clone(),
             store: reader,
             overlay: overlay.clone(),
