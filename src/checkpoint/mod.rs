@@ -204,6 +204,38 @@ fn lookup_sql() -> &'static [String] {
     })
 }
 
+/// An object's row blob: its state, but for `seen_round`, which lives in
+/// a column of its own for reconciliation (a tombstone keeps it in the
+/// blob). Encoded field by field, as prost would encode the state with
+/// that one field changed, without copying the state first.
+fn stored_state(state: &ObjectState) -> Vec<u8> {
+    use prost::encoding::{bool as pbool, fixed64, string, uint64};
+    let mut buf =
+        Vec::with_capacity(32 + state.object_type.len() + state.property_hashes.len() * 8);
+    let seen_round = if state.hard_deleted {
+        state.seen_round
+    } else {
+        0
+    };
+    if state.version != 0 {
+        uint64::encode(1, &state.version, &mut buf);
+    }
+    if state.soft_deleted {
+        pbool::encode(2, &state.soft_deleted, &mut buf);
+    }
+    if seen_round != 0 {
+        uint64::encode(3, &seen_round, &mut buf);
+    }
+    fixed64::encode_packed(4, &state.property_hashes, &mut buf);
+    if !state.object_type.is_empty() {
+        string::encode(5, &state.object_type, &mut buf);
+    }
+    if state.hard_deleted {
+        pbool::encode(6, &state.hard_deleted, &mut buf);
+    }
+    buf
+}
+
 /// `INSERT ... VALUES (?,?,?,?), ...` for 0..=INSERT_CHUNK rows.
 fn insert_sql() -> &'static [String] {
     static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -573,18 +605,7 @@ impl Store {
             for (id, state) in &writes.objects {
                 match state {
                     Some(state) => {
-                        let mut buf = Vec::with_capacity(64 + state.property_hashes.len() * 8);
-                        // seen_round lives in its own column, for
-                        // reconciliation (a tombstone keeps it in the blob).
-                        let stored = ObjectState {
-                            seen_round: if state.hard_deleted {
-                                state.seen_round
-                            } else {
-                                0
-                            },
-                            ..state.clone()
-                        };
-                        stored.encode(&mut buf).expect("Vec grows");
+                        let buf = stored_state(state);
                         // Tombstones are never stale: reconciliation skips them.
                         let seen = if state.hard_deleted {
                             TOMBSTONE_ROUND
@@ -890,6 +911,38 @@ pub fn reset(dir: &Path, stream: &str) -> Result<bool, CheckpointError> {
 mod tests {
     use super::*;
     use crate::proto::v1::Phase;
+
+    #[test]
+    fn a_stored_state_is_prost_s_encoding_without_its_seen_round() {
+        let states = [
+            ObjectState::default(),
+            ObjectState {
+                version: 3,
+                soft_deleted: true,
+                seen_round: 9,
+                property_hashes: vec![1, 2, u64::MAX, 4],
+                object_type: "microsoft.graph.group".into(),
+                hard_deleted: false,
+            },
+            ObjectState {
+                version: 7,
+                seen_round: 12,
+                hard_deleted: true,
+                ..Default::default()
+            },
+        ];
+        for state in states {
+            let expected = ObjectState {
+                seen_round: if state.hard_deleted {
+                    state.seen_round
+                } else {
+                    0
+                },
+                ..state.clone()
+            };
+            assert_eq!(stored_state(&state), expected.encode_to_vec(), "{state:?}");
+        }
+    }
 
     fn state(v: u64, seen: u64) -> ObjectState {
         ObjectState {

@@ -247,7 +247,9 @@ impl Normalizer<'_> {
         let relationship_deltas = extract_relationship_deltas(&id, &mut object)?;
         // What remains minus annotations (`@odata.etag`, `x@odata.context`,
         // ...) is the object's properties as Graph returned them.
-        object.retain(|k, _| !k.starts_with('@') && !k.contains("@odata."));
+        if !object.keys().all(|k| is_property(k)) {
+            object.retain(|k, _| is_property(k));
+        }
 
         let remembered = self.current_object(&id)?;
         // A tombstone keeps the version counter of a hard-deleted object;
@@ -476,6 +478,14 @@ pub fn event_id(
         .hyphenated()
         .encode_lower(&mut text);
     id.to_owned()
+}
+
+/// A key that is a property, not an annotation (`@odata.etag`,
+/// `x@odata.context`, ...). Nearly every key has no `@` at all.
+fn is_property(key: &str) -> bool {
+    // A plain loop: keys are short, and `find` would set up a searcher.
+    let has_at = key.bytes().fold(false, |found, b| found | (b == b'@'));
+    !has_at || (!key.starts_with('@') && !key.contains("@odata."))
 }
 
 /// Compares the properties with the remembered hashes, updating `state`;
@@ -1027,6 +1037,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("members@delta"));
+    }
+
+    #[test]
+    fn annotations_are_told_from_properties() {
+        for key in ["displayName", "mail", "x", "e@mail", "a@odata"] {
+            assert!(is_property(key), "{key}");
+        }
+        for key in [
+            "@odata.etag",
+            "@removed",
+            "@",
+            "manager@odata.context",
+            "x@odata.type",
+        ] {
+            assert!(!is_property(key), "{key}");
+        }
     }
 
     #[test]
