@@ -57,25 +57,13 @@ impl JsonWriter {
         }
         if !e.changed_properties.is_empty() {
             w.key(b"\"changedProperties\":");
-            w.out.push(b'[');
-            for (i, name) in e.changed_properties.iter().enumerate() {
-                if i > 0 {
-                    w.out.push(b',');
-                }
-                write_str(name, w.out);
-            }
-            w.out.push(b']');
+            write_array(&e.changed_properties, w.out, |name, out| {
+                write_str(name, out)
+            });
         }
         if !e.member_changes.is_empty() {
             w.key(b"\"memberChanges\":");
-            w.out.push(b'[');
-            for (i, m) in e.member_changes.iter().enumerate() {
-                if i > 0 {
-                    w.out.push(b',');
-                }
-                write_member_change(m, w.out);
-            }
-            w.out.push(b']');
+            write_array(&e.member_changes, w.out, write_member_change);
         }
         if let Some(t) = &e.observed_at {
             w.key(b"\"observedAt\":");
@@ -176,18 +164,21 @@ fn write_value(v: &Value, out: &mut Vec<u8>) {
         Value::Bool(false) => out.extend_from_slice(b"false"),
         Value::Number(n) => write_number(n, out),
         Value::String(s) => write_str(s, out),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_value(item, out);
-            }
-            out.push(b']');
-        }
+        Value::Array(items) => write_array(items, out, write_value),
         Value::Object(map) => write_object(map, out),
     }
+}
+
+/// `[item,item,...]`.
+fn write_array<T>(items: &[T], out: &mut Vec<u8>, mut each: impl FnMut(&T, &mut Vec<u8>)) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        each(item, out);
+    }
+    out.push(b']');
 }
 
 /// A number as serde_json prints it: integers by itoa, floats by ryu.
