@@ -89,7 +89,8 @@ impl OutboxRow {
             events_encoding: encoding as i32,
         }
         .encode_to_vec();
-        let (frame, events_at) = outbox::frame(checkpoint.batch_seq, &record, |buf| {
+        let hint = crate::sink::estimated_len(encoding, events);
+        let (frame, events_at) = outbox::frame(checkpoint.batch_seq, &record, hint, |buf| {
             crate::sink::encode_events_into(encoding, events, buf)
         });
         let frame = Bytes::from(frame);

@@ -189,8 +189,13 @@ pub fn normalize_page(
         ctx,
         round,
         memory,
-        out: Normalized::default(),
+        out: Normalized {
+            // Nearly every object of a full round makes an event.
+            events: Vec::with_capacity(objects.len()),
+            writes: StateWrites::default(),
+        },
     };
+    n.out.writes.objects.reserve(objects.len());
     for object in objects {
         n.object(object)?;
     }

@@ -193,50 +193,84 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     }
 }
 
-/// True if any byte needs escaping: `"`, `\` or a control character.
-/// Eight bytes at a time: a byte below 0x20, or equal to `"` or `\`, sets
-/// the high bit of its lane (the classic "has a zero/less-than byte" tests,
-/// exact as a yes/no answer: borrows only start at a matching byte).
-#[inline]
-fn needs_escape(bytes: &[u8]) -> bool {
+/// True if a word of eight bytes holds one that needs escaping: `"`, `\`
+/// or a control character. A byte below 0x20, or equal to `"` or `\`,
+/// sets the high bit of its lane (the classic "has a zero/less-than byte"
+/// tests, exact as a yes/no answer: borrows only start at a matching byte).
+#[inline(always)]
+fn word_needs_escape(w: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    #[inline(always)]
-    fn word(w: u64) -> bool {
-        let control = w.wrapping_sub(ONES * 0x20) & !w;
-        let q = w ^ (ONES * u64::from(b'"'));
-        let quote = q.wrapping_sub(ONES) & !q;
-        let b = w ^ (ONES * u64::from(b'\\'));
-        let backslash = b.wrapping_sub(ONES) & !b;
-        (control | quote | backslash) & HIGH != 0
-    }
-    let mut chunks = bytes.chunks_exact(8);
-    for chunk in &mut chunks {
-        if word(u64::from_le_bytes(chunk.try_into().expect("8 bytes"))) {
-            return true;
-        }
-    }
-    let rest = chunks.remainder();
-    if rest.is_empty() {
-        return false;
-    }
-    // Padded with a byte that needs no escape.
-    let mut last = [b'a'; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    word(u64::from_le_bytes(last))
+    let control = w.wrapping_sub(ONES * 0x20) & !w;
+    let q = w ^ (ONES * u64::from(b'"'));
+    let quote = q.wrapping_sub(ONES) & !q;
+    let b = w ^ (ONES * u64::from(b'\\'));
+    let backslash = b.wrapping_sub(ONES) & !b;
+    (control | quote | backslash) & HIGH != 0
 }
 
 /// Writes a JSON string literal, escaping as serde_json does.
+///
+/// Nearly every Graph string needs no escape: it is checked and copied in
+/// one pass, eight bytes at a time (fixed-size copies, no `memcpy` call per
+/// string; a last partial word is read as the string's last eight bytes,
+/// or padded when the string is shorter, copied whole and cut back).
+/// On the first word that needs an escape, what was copied is dropped and
+/// the string is written byte by byte.
 pub fn write_str(s: &str, out: &mut Vec<u8>) {
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
+    write_literal(s.as_bytes(), out);
+}
+
+/// [`write_str`] on bytes (the tests try every byte value, UTF-8 or not).
+#[inline(always)]
+fn write_literal(bytes: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    // A short string's whole padded word fits too.
+    out.reserve(bytes.len() + 2 + 8);
     out.push(b'"');
-    if !needs_escape(bytes) {
-        // Nearly every Graph string.
-        out.extend_from_slice(bytes);
-        out.push(b'"');
-        return;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut clean = true;
+    for chunk in &mut chunks {
+        let w: [u8; 8] = chunk.try_into().expect("8 bytes");
+        if word_needs_escape(u64::from_le_bytes(w)) {
+            clean = false;
+            break;
+        }
+        out.extend_from_slice(&w);
     }
+    if clean {
+        let rest = chunks.remainder();
+        if rest.is_empty() {
+            out.push(b'"');
+            return;
+        }
+        // The last word: for a string of eight bytes or more, its last
+        // eight (overlapping what is written, and written again); for a
+        // shorter one, its bytes padded with one that needs no escape.
+        let (last, keep) = match bytes.len().checked_sub(8) {
+            Some(from) => (bytes[from..].try_into().expect("8 bytes"), 8 - rest.len()),
+            None => {
+                let mut last = [b'a'; 8];
+                last[..rest.len()].copy_from_slice(rest);
+                (last, 0)
+            }
+        };
+        if !word_needs_escape(u64::from_le_bytes(last)) {
+            out.truncate(out.len() - keep);
+            out.extend_from_slice(&last);
+            out.truncate(start + 1 + bytes.len());
+            out.push(b'"');
+            return;
+        }
+    }
+    out.truncate(start + 1);
+    write_escaped(bytes, out);
+    out.push(b'"');
+}
+
+/// The body of a string literal that holds bytes to escape.
+#[cold]
+fn write_escaped(bytes: &[u8], out: &mut Vec<u8>) {
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -262,7 +296,6 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -339,24 +372,33 @@ mod tests {
     }
 
     #[test]
-    fn the_word_at_a_time_check_agrees_with_a_byte_at_a_time_one() {
-        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+    fn the_word_at_a_time_copy_agrees_with_a_byte_at_a_time_escape() {
+        let naive = |b: &[u8]| {
+            let mut out = vec![b'"'];
+            write_escaped(b, &mut out);
+            out.push(b'"');
+            out
+        };
         // Every byte value at every position of strings up to 17 bytes,
         // on a background of plain, high (UTF-8 continuation) and
-        // just-above-the-limit bytes.
+        // just-above-the-limit bytes, after some bytes already written.
         for background in [b'a', 0x80, 0xff, 0x20, 0x21, b'"' + 1, b'\\' + 1] {
             for len in 0..=17 {
                 for pos in 0..len {
                     for byte in 0..=255u8 {
                         let mut bytes = vec![background; len];
                         bytes[pos] = byte;
-                        assert_eq!(needs_escape(&bytes), naive(&bytes), "{bytes:?}");
+                        let mut out = b"x:".to_vec();
+                        write_literal(&bytes, &mut out);
+                        assert_eq!(out[2..], naive(&bytes), "{bytes:?}");
+                        if let Ok(s) = std::str::from_utf8(&bytes) {
+                            assert_eq!(out[2..], serde_json::to_vec(s).unwrap(), "{bytes:?}");
+                        }
                     }
                 }
-                assert_eq!(
-                    needs_escape(&vec![background; len]),
-                    naive(&vec![background; len])
-                );
+                let mut out = Vec::new();
+                write_literal(&vec![background; len], &mut out);
+                assert_eq!(out, naive(&vec![background; len]));
             }
         }
     }

@@ -212,6 +212,24 @@ pub fn encode_json_lines(events: &[ChangeEvent], buf: &mut Vec<u8>) {
     }
 }
 
+/// Room for a batch's events in `encoding`: the first event's size and a
+/// quarter, times the number of events (the events of a page are alike).
+pub fn estimated_len(encoding: EventsEncoding, events: &[ChangeEvent]) -> usize {
+    use prost::Message as _;
+    let Some(first) = events.first() else {
+        return 0;
+    };
+    let one = match encoding {
+        EventsEncoding::JsonLines => {
+            let mut scratch = Vec::with_capacity(1024);
+            crate::proto::json::write_event(first, &mut scratch);
+            scratch.len() + 1
+        }
+        EventsEncoding::ProtobufDelimited => first.encoded_len() + 5,
+    };
+    events.len() * (one + one / 4)
+}
+
 /// A batch's events as one blob in `encoding`.
 pub fn encode_events(encoding: EventsEncoding, events: &[ChangeEvent]) -> Vec<u8> {
     let mut buf = Vec::new();
