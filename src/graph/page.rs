@@ -2,14 +2,21 @@
 //! (more pages) or `@odata.deltaLink` (round complete). A page that breaks
 //! these rules is malformed and never reaches the normalizer.
 
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use std::fmt;
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
+};
+use serde_json::Value;
+
+use crate::proto::{Fields, fields::KeySorter};
 
 /// A parsed delta page.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
     /// The objects of `value`, each a JSON object with a string `id`.
-    pub objects: Vec<Map<String, Value>>,
+    pub objects: Vec<Fields>,
     /// Where the round continues, or where the next round starts.
     pub link: PageLink,
     /// Size of the HTTP body, for metrics.
@@ -43,7 +50,100 @@ struct RawPage {
     next_link: Option<String>,
     #[serde(rename = "@odata.deltaLink", default)]
     delta_link: Option<String>,
-    value: Option<Vec<Value>>,
+    #[serde(default, deserialize_with = "items")]
+    value: Option<Vec<Item>>,
+}
+
+/// The elements of `value` (`null` counts as absent), their members
+/// sorted by one [`KeySorter`].
+fn items<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<Item>>, D::Error> {
+    deserializer.deserialize_any(ItemsVisitor)
+}
+
+struct ItemsVisitor;
+
+impl<'de> Visitor<'de> for ItemsVisitor {
+    type Value = Option<Vec<Item>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut sorter = KeySorter::default();
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(item) = seq.next_element_seed(ItemSeed(&mut sorter))? {
+            items.push(item);
+        }
+        Ok(Some(items))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// An element of `value`: an object, or anything else (an error, reported
+/// with its index once the whole page has parsed).
+enum Item {
+    Object(Fields),
+    NotAnObject,
+}
+
+struct ItemSeed<'s>(&'s mut KeySorter);
+
+impl<'de> DeserializeSeed<'de> for ItemSeed<'_> {
+    type Value = Item;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Item, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemSeed<'_> {
+    type Value = Item;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    /// The members in Graph's order, sorted once ([`Fields`]).
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+        let mut entries: Vec<(String, Value)> = Vec::with_capacity(24);
+        while let Some(key) = map.next_key::<String>()? {
+            entries.push((key, map.next_value()?));
+        }
+        Ok(Item::Object(self.0.fields(entries)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Item::NotAnObject)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Item, E> {
+        Ok(Item::NotAnObject)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item, E> {
+        Ok(Item::NotAnObject)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item, E> {
+        Ok(Item::NotAnObject)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Item, E> {
+        Ok(Item::NotAnObject)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Item, E> {
+        Ok(Item::NotAnObject)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Item, E> {
+        Ok(Item::NotAnObject)
+    }
 }
 
 /// Parses and checks a page body. The error explains what is wrong without
@@ -90,7 +190,7 @@ pub fn parse_page(body: &[u8]) -> Result<Page, String> {
     };
     let mut objects = Vec::with_capacity(value.len());
     for (i, item) in value.into_iter().enumerate() {
-        let Value::Object(object) = item else {
+        let Item::Object(object) = item else {
             return Err(format!("value[{i}] is not a JSON object"));
         };
         match object.get("id") {
@@ -131,7 +231,7 @@ mod tests {
         assert_eq!(o.keys().collect::<Vec<_>>(), ["id", "m", "x", "z"]);
         assert_eq!(o["x"], 2);
         assert_eq!(
-            serde_json::Value::Object(o.clone()),
+            serde_json::Value::Object(o.clone().into_map()),
             serde_json::json!({"id":"a","x":2,"m":{},"z":[1,{"a":1,"b":2}]})
         );
         let p =
@@ -174,7 +274,34 @@ mod tests {
         assert!(
             parse_page(br#"{"@odata.deltaLink":"d"}"#)
                 .unwrap_err()
-                .contains("value")
+                .contains("no `value` array")
+        );
+        assert!(
+            parse_page(br#"{"@odata.deltaLink":"d","value":null}"#)
+                .unwrap_err()
+                .contains("no `value` array")
+        );
+        let err = parse_page(br#"{"@odata.deltaLink":"d","value":{"id":"a"}}"#).unwrap_err();
+        assert!(
+            err.contains("invalid JSON") && err.contains("expected an array"),
+            "{err}"
+        );
+        // Objects alike and not: the remembered key order is only reused
+        // for the same keys in the same order.
+        let p = parse_page(
+            br#"{"@odata.deltaLink":"d","value":[{"b":1,"id":"x","a":2},{"b":3,"id":"y","a":4},{"id":"z","b":5,"a":6},{"b":7,"id":"w","b":8},{"b":9,"id":"v","a":0}]}"#,
+        )
+        .unwrap();
+        let keys: Vec<Vec<&String>> = p.objects.iter().map(|o| o.keys().collect()).collect();
+        assert_eq!(keys[0], ["a", "b", "id"]);
+        assert_eq!(keys[1], ["a", "b", "id"]);
+        assert_eq!(keys[2], ["a", "b", "id"]);
+        assert_eq!(keys[3], ["b", "id"]);
+        assert_eq!(p.objects[3]["b"], 8);
+        assert_eq!(keys[4], ["a", "b", "id"]);
+        assert_eq!(
+            (&p.objects[1]["a"], &p.objects[4]["id"]),
+            (&serde_json::json!(4), &serde_json::json!("v"))
         );
         // Cut inside a character, or not UTF-8 at all.
         let accented = r#"{"@odata.deltaLink":"d","value":[{"id":"a","displayName":"Zoë"}]}"#;

@@ -38,7 +38,7 @@ use crate::{
     checkpoint::CheckpointError,
     config::ResolvedStream,
     proto::{
-        JsonStruct,
+        Fields, JsonStruct,
         v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType, ObjectState},
     },
 };
@@ -176,7 +176,7 @@ enum Removed {
 pub fn normalize_page(
     ctx: &StreamContext,
     round: &RoundContext,
-    objects: Vec<Map<String, Value>>,
+    objects: Vec<Fields>,
     memory: &mut dyn MemoryView,
 ) -> Result<Normalized, NormalizeError> {
     let ids: Vec<&str> = objects
@@ -227,7 +227,7 @@ impl Normalizer<'_> {
         self.memory.member(key)
     }
 
-    fn object(&mut self, mut object: Map<String, Value>) -> Result<(), NormalizeError> {
+    fn object(&mut self, mut object: Fields) -> Result<(), NormalizeError> {
         let id = match object.remove("id") {
             Some(Value::String(id)) if !id.is_empty() => id,
             _ => return Err(NormalizeError::MissingId),
@@ -497,7 +497,7 @@ fn is_property(key: &str) -> bool {
 /// returns the sorted names of changed properties. For a new object every
 /// property present counts as changed.
 fn diff_properties(
-    properties: &Map<String, Value>,
+    properties: &Fields,
     state: &mut ObjectState,
     is_new: bool,
     content: &mut hash::Mix,
@@ -549,7 +549,7 @@ fn diff_properties(
 #[allow(clippy::type_complexity)]
 fn extract_relationship_deltas(
     id: &str,
-    object: &mut Map<String, Value>,
+    object: &mut Fields,
 ) -> Result<Vec<(String, Vec<(String, String, bool)>)>, NormalizeError> {
     let keys: Vec<String> = object
         .keys()
@@ -594,13 +594,13 @@ fn extract_relationship_deltas(
 }
 
 /// JSON object → `google.protobuf.Struct` (explicit nulls kept).
-pub fn to_struct(map: Map<String, Value>) -> JsonStruct {
-    JsonStruct::from(map)
+pub fn to_struct(fields: Fields) -> JsonStruct {
+    JsonStruct::from(fields)
 }
 
 /// `google.protobuf.Struct` → JSON object (for replay and tools).
 pub fn struct_to_json(s: &JsonStruct) -> Map<String, Value> {
-    s.fields.clone()
+    s.fields.clone().into_map()
 }
 
 /// Reconciliation after a full round: `id` was known but not returned, so
@@ -705,11 +705,11 @@ mod tests {
         StreamContext::new("t", "groups", "groups", "microsoft.graph.group", true)
     }
 
-    fn page(v: Value) -> Vec<Map<String, Value>> {
+    fn page(v: Value) -> Vec<Fields> {
         v.as_array()
             .unwrap()
             .iter()
-            .map(|o| o.as_object().unwrap().clone())
+            .map(|o| Fields::from(o.as_object().unwrap().clone()))
             .collect()
     }
 
@@ -1063,7 +1063,7 @@ mod tests {
     #[test]
     fn struct_round_trips_to_json() {
         let v = json!({"a": 1, "b": [true, null, "x"], "c": {"d": 1.5}});
-        let s = to_struct(v.as_object().unwrap().clone());
+        let s = to_struct(Fields::from(v.as_object().unwrap().clone()));
         assert_eq!(Value::Object(struct_to_json(&s)), v);
     }
 }

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType};
 
@@ -144,9 +144,10 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+/// A JSON object's members: a nested `Map`, or the top level's `Fields`.
+fn write_object<'a>(map: impl IntoIterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
     out.push(b'{');
-    for (i, (k, v)) in map.iter().enumerate() {
+    for (i, (k, v)) in map.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }

@@ -1,4 +1,4 @@
-//! `google.protobuf.Struct`, held as a `serde_json` map.
+//! `google.protobuf.Struct`, held as the JSON object's members ([`Fields`]).
 //!
 //! The properties of every event travel as a `Struct`. pbjson's `Struct`
 //! keeps a `HashMap<String, Value>` of wrapper enums: building one per
@@ -20,15 +20,25 @@ use prost::{
 };
 use serde_json::{Map, Number, Value};
 
+use super::Fields;
+
 /// A `google.protobuf.Struct`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JsonStruct {
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
+}
+
+impl From<Fields> for JsonStruct {
+    fn from(fields: Fields) -> Self {
+        JsonStruct { fields }
+    }
 }
 
 impl From<Map<String, Value>> for JsonStruct {
-    fn from(fields: Map<String, Value>) -> Self {
-        JsonStruct { fields }
+    fn from(map: Map<String, Value>) -> Self {
+        JsonStruct {
+            fields: Fields::from(map),
+        }
     }
 }
 
@@ -48,8 +58,9 @@ fn delimited_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
-fn map_len(map: &Map<String, Value>) -> usize {
-    map.iter()
+/// A JSON object's members: a nested `Map`, or the top level's [`Fields`].
+fn map_len<'a>(map: impl IntoIterator<Item = (&'a String, &'a Value)>) -> usize {
+    map.into_iter()
         .map(|(k, v)| delimited_len(STRUCT_FIELDS, entry_len(k, v)))
         .sum()
 }
@@ -77,7 +88,7 @@ fn value_len(value: &Value) -> usize {
     }
 }
 
-fn encode_map(map: &Map<String, Value>, buf: &mut impl BufMut) {
+fn encode_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a Value)>, buf: &mut impl BufMut) {
     for (k, v) in map {
         encode_key(STRUCT_FIELDS, WireType::LengthDelimited, buf);
         encode_varint(entry_len(k, v) as u64, buf);
@@ -214,7 +225,7 @@ impl Message for ValueMsg {
             VALUE_STRUCT => {
                 let mut s = JsonStruct::default();
                 message::merge(wire_type, &mut s, buf, ctx)?;
-                Value::Object(s.fields)
+                Value::Object(s.fields.into_map())
             }
             VALUE_LIST => {
                 let mut l = ListMsg::default();
@@ -318,7 +329,7 @@ impl serde::Serialize for JsonStruct {
 
 impl<'de> serde::Deserialize<'de> for JsonStruct {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Map::deserialize(deserializer).map(|fields| JsonStruct { fields })
+        Fields::deserialize(deserializer).map(|fields| JsonStruct { fields })
     }
 }
 

@@ -208,7 +208,7 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|o| o.as_object().unwrap().clone())
+                .map(|o| crate::proto::Fields::from(o.as_object().unwrap().clone()))
                 .collect();
             let n = normalize_page(&ctx, &RoundContext::now(1, false), objects, m).unwrap();
             m.commit(&n.writes);

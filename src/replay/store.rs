@@ -231,7 +231,7 @@ impl ReplayStore {
                     .execute([id])?;
             }
             if let Some(p) = &event.properties {
-                merge(&mut properties, p.fields.clone());
+                merge(&mut properties, p.fields.clone().into_map());
             }
             if !event.object_type.is_empty() {
                 object_type.clone_from(&event.object_type);

@@ -428,7 +428,7 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|o| o.as_object().unwrap().clone())
+                .map(|o| crate::proto::Fields::from(o.as_object().unwrap().clone()))
                 .collect();
             let overlay = crate::normalize::memory::Overlay::default();
             let n = {
