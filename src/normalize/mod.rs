@@ -488,9 +488,29 @@ pub fn event_id(
 /// A key that is a property, not an annotation (`@odata.etag`,
 /// `x@odata.context`, ...). Nearly every key has no `@` at all.
 fn is_property(key: &str) -> bool {
-    // A plain loop: keys are short, and `find` would set up a searcher.
-    let has_at = key.bytes().fold(false, |found, b| found | (b == b'@'));
-    !has_at || (!key.starts_with('@') && !key.contains("@odata."))
+    !has_at(key.as_bytes()) || (!key.starts_with('@') && !key.contains("@odata."))
+}
+
+/// Whether the bytes hold an `@`, eight at a time (a lane equal to `@`
+/// sets its high bit: exact as a yes/no answer). A byte loop cost ≈ 4
+/// instructions a byte, and `find` sets up a searcher.
+#[inline]
+fn has_at(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let word = |w: [u8; 8]| {
+        let x = u64::from_le_bytes(w) ^ (ONES * u64::from(b'@'));
+        x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    if (&mut chunks).any(|c| word(c.try_into().expect("8 bytes"))) {
+        return true;
+    }
+    match chunks.remainder() {
+        [] => false,
+        // The last eight bytes, overlapping the words checked.
+        _ if bytes.len() >= 8 => word(bytes[bytes.len() - 8..].try_into().expect("8 bytes")),
+        rest => rest.contains(&b'@'),
+    }
 }
 
 /// Compares the properties with the remembered hashes, updating `state`;
@@ -1057,6 +1077,42 @@ mod tests {
             "x@odata.type",
         ] {
             assert!(!is_property(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn at_signs_are_found_at_every_position() {
+        for key in [
+            "@odata.type",
+            "@removed",
+            "x@odata.context",
+            "displayName@odata.etag",
+        ] {
+            assert!(!is_property(key), "{key}");
+        }
+        for key in [
+            "displayName",
+            "id",
+            "",
+            "mail",
+            "members@delta",
+            "a@b",
+            "onPremisesSyncEnabled",
+        ] {
+            assert!(is_property(key), "{key}");
+        }
+        // `@` at every position of keys up to 17 bytes.
+        for len in 0..=17 {
+            assert!(!has_at(&vec![b'a'; len]));
+            for at in 0..len {
+                let mut key = vec![b'a'; len];
+                key[at] = b'@';
+                assert!(has_at(&key), "{len} {at}");
+                key[at] = b'@' + 1;
+                assert!(!has_at(&key));
+                key[at] = b'@' - 1;
+                assert!(!has_at(&key));
+            }
         }
     }
 
