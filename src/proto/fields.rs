@@ -37,6 +37,11 @@ impl Fields {
             }
             repeated
         });
+        // The parser's vector has room for a typical object: a tiny one
+        // must not keep it.
+        if entries.capacity() > 2 * entries.len() {
+            entries.shrink_to_fit();
+        }
         Fields(entries)
     }
 
