@@ -502,7 +502,7 @@ fn has_at(bytes: &[u8]) -> bool {
         x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
     };
     let mut chunks = bytes.chunks_exact(8);
-    if (&mut chunks).any(|c| word(c.try_into().expect("8 bytes"))) {
+    if chunks.any(|c| word(c.try_into().expect("8 bytes"))) {
         return true;
     }
     match chunks.remainder() {
