@@ -22,27 +22,8 @@ pub struct Fields(Vec<(String, Value)>);
 impl Fields {
     /// Members in any order; a repeated key keeps its last value (as
     /// `serde_json` does).
-    pub fn from_entries(mut entries: Vec<(String, Value)>) -> Self {
-        // Stable: repeated keys stay in arrival order, and the last one
-        // is kept below.
-        entries.sort_by(|a, b| {
-            key_prefix(&a.0)
-                .cmp(&key_prefix(&b.0))
-                .then_with(|| a.0.cmp(&b.0))
-        });
-        entries.dedup_by(|later, kept| {
-            let repeated = later.0 == kept.0;
-            if repeated {
-                std::mem::swap(&mut later.1, &mut kept.1);
-            }
-            repeated
-        });
-        // The parser's vector has room for a typical object: a tiny one
-        // must not keep it.
-        if entries.capacity() > 2 * entries.len() {
-            entries.shrink_to_fit();
-        }
-        Fields(entries)
+    pub fn from_entries(entries: Vec<(String, Value)>) -> Self {
+        KeySorter::default().fields(entries)
     }
 
     /// Members already sorted by key, each key once.
@@ -52,9 +33,7 @@ impl Fields {
     }
 
     fn find(&self, key: &str) -> Result<usize, usize> {
-        let prefix = key_prefix(key);
-        self.0
-            .binary_search_by(|(k, _)| key_prefix(k).cmp(&prefix).then_with(|| k.as_str().cmp(key)))
+        self.0.binary_search_by(|(k, _)| cmp_keys(k, key))
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -162,44 +141,48 @@ impl KeySorter {
                     .count();
             if end - start > 1 {
                 self.pairs[start..end].sort_unstable_by(|a, b| {
-                    entries[a.1 as usize]
-                        .0
-                        .cmp(&entries[b.1 as usize].0)
-                        .then(a.1.cmp(&b.1))
+                    let key = |p: &(u64, u32)| entries[p.1 as usize].0.as_str();
+                    key(a).cmp(key(b)).then(a.1.cmp(&b.1))
                 });
             }
             start = end;
         }
-        let repeated = self
-            .pairs
-            .windows(2)
-            .any(|w| w[0].0 == w[1].0 && entries[w[0].1 as usize].0 == entries[w[1].1 as usize].0);
-        if repeated {
-            // Rare: the general path keeps the last value of a repeated key.
-            self.order.clear();
-            return Fields::from_entries(entries);
-        }
+        // A repeated key keeps its last member in arrival order (members
+        // of one key are next to each other now, in arrival order).
         self.order.clear();
-        self.order.extend(self.pairs.iter().map(|p| p.1));
-        Fields::from_sorted(
+        for (j, &(prefix, i)) in self.pairs.iter().enumerate() {
+            let last_of_its_key = self.pairs.get(j + 1).is_none_or(|next| {
+                next.0 != prefix || entries[next.1 as usize].0 != entries[i as usize].0
+            });
+            if last_of_its_key {
+                self.order.push(i);
+            }
+        }
+        let fields = Fields::from_sorted(
             self.order
                 .iter()
                 .map(|&i| std::mem::take(&mut entries[i as usize]))
                 .collect(),
-        )
+        );
+        if self.order.len() != self.pairs.len() {
+            // Not an order to try on the next object: it drops members.
+            self.order.clear();
+        }
+        fields
     }
 }
 
 /// Sorted by key with no key twice.
 fn is_strictly_sorted(entries: &[(String, Value)]) -> bool {
-    entries.windows(2).all(|w| {
-        let (a, b) = (&w[0].0, &w[1].0);
-        match key_prefix(a).cmp(&key_prefix(b)) {
-            std::cmp::Ordering::Less => true,
-            std::cmp::Ordering::Greater => false,
-            std::cmp::Ordering::Equal => a < b,
-        }
-    })
+    entries
+        .windows(2)
+        .all(|w| cmp_keys(&w[0].0, &w[1].0).is_lt())
+}
+
+/// Byte order of keys, decided by their prefixes when they differ there
+/// (one integer comparison), else by the whole keys.
+fn cmp_keys(a: &str, b: &str) -> std::cmp::Ordering {
+    key_prefix(a).cmp(&key_prefix(b)).then_with(|| a.cmp(b))
 }
 
 /// A key's first eight bytes as a big-endian integer, zero-padded: integer
@@ -233,7 +216,7 @@ impl From<Map<String, Value>> for Fields {
         // In key order already (byte order, as `key_prefix` orders them)
         // unless serde_json's `preserve_order` is on somewhere in the build.
         let entries: Vec<(String, Value)> = map.into_iter().collect();
-        if entries.is_sorted_by(|a, b| key_prefix(&a.0) <= key_prefix(&b.0) && a.0 < b.0) {
+        if is_strictly_sorted(&entries) {
             Fields(entries)
         } else {
             Fields::from_entries(entries)
@@ -288,6 +271,15 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect(),
         )
+    }
+
+    /// What `serde_json`'s map makes of the pairs: the reference.
+    fn as_map(pairs: &[(&str, i64)]) -> Fields {
+        let mut map = Map::new();
+        for (k, v) in pairs {
+            map.insert(k.to_string(), json!(v));
+        }
+        Fields::from(map)
     }
 
     #[test]
@@ -376,7 +368,7 @@ mod tests {
                     .iter()
                     .map(|(k, v)| (k.to_string(), json!(v)))
                     .collect();
-                assert_eq!(sorter.fields(entries), fields(pairs), "{pairs:?}");
+                assert_eq!(sorter.fields(entries), as_map(pairs), "{pairs:?}");
             }
         }
     }
