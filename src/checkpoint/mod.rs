@@ -238,13 +238,22 @@ fn stored_state(state: &ObjectState) -> Vec<u8> {
 }
 
 /// `INSERT ... VALUES (?,?,?,?), ...` for 0..=INSERT_CHUNK rows.
+///
+/// `OR FAIL`: a statement that writes several rows and may abort halfway
+/// (`NOT NULL` is an `ABORT` constraint) gets a statement journal, so that
+/// the abort can undo the rows already written. SQLite keeps that journal
+/// in memory up to 64 KiB and then in a temporary file: a 64-row insert
+/// copied every page it touched there, ≈ 9,000 `pwrite`s per commit of
+/// 5,000 objects (`strace`). A failure here fails the whole transaction
+/// anyway, so nothing needs undoing statement by statement. 100k users:
+/// 1.95 s → 1.58 s, 2.37 → 2.01 CPU-s.
 fn insert_sql() -> &'static [String] {
     static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         (0..=INSERT_CHUNK)
             .map(|n| {
                 let rows = vec!["(?,?,?,?)"; n.max(1)].join(",");
-                format!("INSERT INTO objects (key, id, seen_round, state) VALUES {rows}")
+                format!("INSERT OR FAIL INTO objects (key, id, seen_round, state) VALUES {rows}")
             })
             .collect()
     })
