@@ -45,6 +45,7 @@ use bytes::Bytes;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -157,13 +158,40 @@ pub struct CheckpointError {
     pub message: String,
 }
 
+/// Records batches in a stream's outbox ([`Store::outbox_writer`]).
+#[derive(Clone)]
+pub struct OutboxWriter(Arc<Mutex<outbox::OutboxLog>>);
+
+impl OutboxWriter {
+    /// Records a batch about to be handed to the sink (see "The outbox"),
+    /// encoded beforehand by [`OutboxRow::encode`]; a row already recorded
+    /// is left as it is.
+    pub fn put(&self, row: &mut OutboxRow) -> Result<(), CheckpointError> {
+        if row.recorded {
+            return Ok(());
+        }
+        lock(&self.0)
+            .append_framed(row.seq, &row.frame)
+            .map_err(|(path, e)| io_error(path, "cannot write the outbox", &e))?;
+        row.recorded = true;
+        Ok(())
+    }
+}
+
+/// The outbox log's lock; a panic elsewhere leaves the log usable (its
+/// writes are single `write` calls).
+fn lock(log: &Mutex<outbox::OutboxLog>) -> std::sync::MutexGuard<'_, outbox::OutboxLog> {
+    log.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The store of one stream.
 pub struct Store {
     conn: Connection,
     path: PathBuf,
     stream: String,
-    /// Opened on first use (readers never use it).
-    outbox: Option<outbox::OutboxLog>,
+    /// Opened on first use (readers never use it); shared with the
+    /// [`OutboxWriter`]s handed out.
+    outbox: Option<Arc<Mutex<outbox::OutboxLog>>>,
     /// Cluster mode: writes each commit to the shared state topic first.
     mirror: Option<Box<dyn CommitMirror>>,
 }
@@ -603,7 +631,7 @@ impl Store {
                 forget.execute([group])?;
             }
             let mut update = tx.prepare_cached(
-                "UPDATE objects SET seen_round = ?3, state = ?4 WHERE key = ?1 AND id = ?2",
+                "UPDATE OR FAIL objects SET seen_round = ?3, state = ?4 WHERE key = ?1 AND id = ?2",
             )?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO objects (key, id, seen_round, state) VALUES (?1, ?2, ?3, ?4)",
@@ -679,8 +707,8 @@ impl Store {
         }
         crate::failpoint::hit("committing");
         tx.commit()?;
-        if let Some(log) = &mut self.outbox {
-            log.committed(checkpoint.batch_seq);
+        if let Some(log) = &self.outbox {
+            lock(log).committed(checkpoint.batch_seq);
         }
         Ok(())
     }
@@ -688,25 +716,24 @@ impl Store {
     /// Records a batch about to be handed to the sink (see "The outbox"),
     /// encoded beforehand by [`OutboxRow::encode`].
     pub fn put_outbox(&mut self, row: &mut OutboxRow) -> Result<(), CheckpointError> {
-        if row.recorded {
-            return Ok(());
-        }
-        self.outbox_log()?
-            .append_framed(row.seq, &row.frame)
-            .map_err(|(path, e)| io_error(path, "cannot write the outbox", &e))?;
-        row.recorded = true;
-        Ok(())
+        self.outbox_writer()?.put(row)
+    }
+
+    /// A handle that records batches in the outbox without this store:
+    /// a commit may hold the store on another thread meanwhile.
+    pub fn outbox_writer(&mut self) -> Result<OutboxWriter, CheckpointError> {
+        self.outbox_log().map(OutboxWriter)
     }
 
     /// The stream's outbox, opened on first use.
-    fn outbox_log(&mut self) -> Result<&mut outbox::OutboxLog, CheckpointError> {
+    fn outbox_log(&mut self) -> Result<Arc<Mutex<outbox::OutboxLog>>, CheckpointError> {
         if self.outbox.is_none() {
             let dir = outbox_dir(&self.path);
             let log = outbox::OutboxLog::open(&dir)
                 .map_err(|e| io_error(dir, "cannot read the outbox", &e))?;
-            self.outbox = Some(log);
+            self.outbox = Some(Arc::new(Mutex::new(log)));
         }
-        Ok(self.outbox.as_mut().expect("opened above"))
+        Ok(self.outbox.clone().expect("opened above"))
     }
 
     /// The outbox: the batches after the committed checkpoint, oldest
@@ -725,6 +752,7 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let committed = self.load_checkpoint()?.map_or(0, |c| c.batch_seq);
         let log = self.outbox_log()?;
+        let log = lock(&log);
         let recorded = log
             .pending(committed)
             .map_err(|e| io_error(log.dir().to_path_buf(), "cannot read the outbox", &e))?;

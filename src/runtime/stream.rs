@@ -7,6 +7,10 @@
 //!                                                          commit checkpoint + memory (SQLite)
 //! ```
 //!
+//! Each stage has a thread of its own: the fetcher a task, normalization a
+//! blocking thread, publishing the stream's task, and commits a blocking
+//! thread of their own (one at a time, in order) while publishing goes on.
+//!
 //! # The commit rule
 //! A batch's checkpoint (the link after its page, the memory changes of its
 //! objects) is committed only after the sink acknowledged every event of
@@ -41,7 +45,7 @@ use super::{
     status::{StatusHandle, unix_now},
 };
 use crate::{
-    checkpoint::{CheckpointError, OutboxRow, Store},
+    checkpoint::{CheckpointError, OutboxRow, OutboxWriter, Store},
     config::{ResolvedStream, RuntimeConfig, StartFrom},
     graph::{GraphClient, GraphError, Page, client::FetchOptions},
     normalize::filter::WrittenFilter,
@@ -258,6 +262,49 @@ struct Staged {
 const MAX_STAGED_BATCHES: u32 = 256;
 const MAX_STAGED_OBJECTS: usize = 5_000;
 
+impl Staged {
+    fn is_full(&self) -> bool {
+        self.batches >= MAX_STAGED_BATCHES || self.writes.objects.len() >= MAX_STAGED_OBJECTS
+    }
+
+    /// Empties it: the last checkpoint, the merged memory changes and the
+    /// last batch's sequence number, if anything is staged.
+    fn take(&mut self) -> Option<(StreamCheckpoint, StateWrites, u64)> {
+        let checkpoint = self.checkpoint.take()?;
+        let taken = std::mem::take(self);
+        Some((checkpoint, taken.writes, taken.last_seq))
+    }
+}
+
+/// After a commit, never before: the normalizer finds what it no longer
+/// sees in the overlay in the store.
+fn release(overlay: &std::sync::Mutex<Overlay>, last_seq: u64) {
+    overlay
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .release(last_seq);
+    tracing::debug!(batch = last_seq, "Checkpoint committed.");
+}
+
+/// A commit of staged batches running on a blocking thread.
+struct Committing {
+    checkpoint: StreamCheckpoint,
+    last_seq: u64,
+    /// The store's, for an error.
+    path: std::path::PathBuf,
+    done: tokio::task::JoinHandle<Result<(), CheckpointError>>,
+}
+
+/// Resolves when the running commit is done (never if none is).
+async fn commit_done(
+    committing: &mut Option<Committing>,
+) -> Result<Result<(), CheckpointError>, tokio::task::JoinError> {
+    match committing {
+        Some(c) => (&mut c.done).await,
+        None => std::future::pending().await,
+    }
+}
+
 type Publishing = BoxFuture<'static, (Arc<Batch>, Result<(), SinkError>, Duration)>;
 
 enum PagesEnd {
@@ -280,9 +327,12 @@ pub struct StreamRunner {
     ctx: StreamContext,
     graph: GraphClient,
     sink: Arc<dyn Sink>,
-    /// Behind a mutex only so the runner is `Sync`; the stream's own task is
-    /// its only user.
-    store: std::sync::Mutex<Store>,
+    /// Shared with the thread of a background commit ([`Committing`]);
+    /// otherwise the stream's own task is its only user.
+    store: Arc<std::sync::Mutex<Store>>,
+    /// Records batches in the outbox without the store's lock (a commit may
+    /// hold it); opened on first use.
+    outbox: Option<OutboxWriter>,
     runtime: RuntimeConfig,
     status: StatusHandle,
     shutdown: CancellationToken,
@@ -308,7 +358,8 @@ impl StreamRunner {
             ctx,
             graph,
             sink,
-            store: std::sync::Mutex::new(store),
+            store: Arc::new(std::sync::Mutex::new(store)),
+            outbox: None,
             runtime,
             status,
             shutdown,
@@ -547,11 +598,22 @@ impl StreamRunner {
     }
 
     /// Records a batch in the outbox before it is handed to the sink.
-    fn to_outbox(&self, batch: &mut Batch) -> Result<(), StreamError> {
+    fn record_in_outbox(&mut self, batch: &mut Batch) -> Result<(), StreamError> {
         let Some(row) = &mut batch.outbox else {
             return Ok(());
         };
-        tokio::task::block_in_place(|| self.store().put_outbox(row)).map_err(|e| self.store_err(e))
+        let writer = match &self.outbox {
+            Some(writer) => writer,
+            None => {
+                let writer = self
+                    .store()
+                    .outbox_writer()
+                    .map_err(|e| self.store_err(e))?;
+                self.outbox.insert(writer)
+            }
+        };
+        let written = tokio::task::block_in_place(|| writer.put(row));
+        written.map_err(|e| self.store_err(e))
     }
 
     /// Publishes and commits, in order and unchanged, the batches the
@@ -635,9 +697,13 @@ impl StreamRunner {
     ) -> Result<(), StreamError> {
         let result = tokio::task::block_in_place(|| self.store().commit(cp, writes));
         result.map_err(|e| self.store_err(e))?;
-        self.committed = cp.clone();
-        self.status.update(|s| s.last_commit_at = Some(unix_now()));
+        self.committed_to(cp.clone());
         Ok(())
+    }
+
+    fn committed_to(&mut self, cp: StreamCheckpoint) {
+        self.committed = cp;
+        self.status.update(|s| s.last_commit_at = Some(unix_now()));
     }
 
     /// Fetches, normalizes, publishes and commits pages from `start` until
@@ -683,11 +749,24 @@ impl StreamRunner {
         let (ready_tx, mut ready_rx) = mpsc::channel::<Ready>(2);
         let normalizer = tokio::task::spawn_blocking(move || stage.run(rx, ready_tx));
         let mut staged = Staged::default();
+        let mut committing = None;
         let outcome = self
-            .pages_loop(&mut ready_rx, &stop_fetching, &overlay, &mut staged)
+            .pages_loop(
+                &mut ready_rx,
+                &stop_fetching,
+                &overlay,
+                &mut staged,
+                &mut committing,
+            )
             .await;
-        // Whatever ended the loop, what was acknowledged gets committed.
-        let flushed = self.flush(&mut staged, &overlay);
+        // Whatever ended the loop, what was acknowledged gets committed: a
+        // commit still running first, then the rest (never the rest if that
+        // one failed: its memory changes are not in the rest).
+        let flushed = match committing {
+            Some(c) => self.finish_commit(c, &mut staged, &overlay).await,
+            None => Ok(()),
+        }
+        .and_then(|()| self.flush(&mut staged, &overlay));
         // The normalizer ends once its channel is closed.
         drop(ready_rx);
         let _ = normalizer.await;
@@ -702,6 +781,7 @@ impl StreamRunner {
         stop_fetching: &CancellationToken,
         overlay: &std::sync::Mutex<Overlay>,
         staged: &mut Staged,
+        committing: &mut Option<Committing>,
     ) -> Result<PagesEnd, StreamError> {
         let mut in_flight: FuturesOrdered<Publishing> = FuturesOrdered::new();
         let mut in_flight_bytes = 0usize;
@@ -710,13 +790,15 @@ impl StreamRunner {
         let mut drain_deadline = None;
         let mut end = PagesEnd::DeltaReached;
         let mut failure: Option<StreamError> = None;
-        // See "Sinks that store checkpoints" above.
-        let (max_in_flight, interval) = if self.sink.stores_checkpoints() {
-            (1, Duration::ZERO)
+        // See "Sinks that store checkpoints" above: their commits are also
+        // made in place, never in the background.
+        let (max_in_flight, interval, background) = if self.sink.stores_checkpoints() {
+            (1, Duration::ZERO, false)
         } else {
             (
                 self.runtime.max_in_flight_batches,
                 self.runtime.checkpoint_interval,
+                true,
             )
         };
 
@@ -726,9 +808,11 @@ impl StreamRunner {
             }
             // Bounded by count and by bytes; one batch may always go, however
             // large its page.
+            // And while a commit runs, by what is staged for the next one.
             let can_take = !fetch_done
                 && in_flight.len() < max_in_flight
-                && (in_flight.is_empty() || in_flight_bytes < self.runtime.max_in_flight_bytes);
+                && (in_flight.is_empty() || in_flight_bytes < self.runtime.max_in_flight_bytes)
+                && !(committing.is_some() && staged.is_full());
             let commit_due = staged.since.map(|t| t + interval);
             tokio::select! {
                 biased;
@@ -739,11 +823,8 @@ impl StreamRunner {
                             crate::failpoint::hit("acked");
                             metrics::histogram!(m::PUBLISH_SECONDS, "sink" => self.sink.kind()).record(took.as_secs_f64());
                             self.stage(staged, batch);
-                            if staged.batches >= MAX_STAGED_BATCHES
-                                || staged.writes.objects.len() >= MAX_STAGED_OBJECTS
-                                || interval.is_zero()
-                            {
-                                self.flush(staged, overlay)?;
+                            if staged.is_full() || interval.is_zero() {
+                                self.commit_staged(staged, committing, overlay, background)?;
                             }
                         }
                         Err(e) if e.is_retriable() && !stopping => {
@@ -753,6 +834,9 @@ impl StreamRunner {
                             while let Some((b, _, _)) = in_flight.next().await {
                                 in_flight_bytes -= b.bytes;
                                 pending.push(b);
+                            }
+                            if let Some(c) = committing.take() {
+                                self.finish_commit(c, staged, overlay).await?;
                             }
                             for b in pending {
                                 if !self.publish_until_acked(&b).await? {
@@ -772,8 +856,15 @@ impl StreamRunner {
                         }
                     }
                 }
-                _ = sleep_until_opt(commit_due) => {
-                    self.flush(staged, overlay)?;
+                done = commit_done(committing), if committing.is_some() => {
+                    let c = committing.take().expect("a commit is running");
+                    self.committed_in_background(c, done, staged, overlay)?;
+                    if staged.is_full() || interval.is_zero() {
+                        self.commit_staged(staged, committing, overlay, background)?;
+                    }
+                }
+                _ = sleep_until_opt(commit_due), if committing.is_none() => {
+                    self.commit_staged(staged, committing, overlay, background)?;
                 }
                 ready = rx.recv(), if can_take => {
                     match ready {
@@ -782,7 +873,7 @@ impl StreamRunner {
                                 fetch_done = true;
                             }
                             let mut batch = batch;
-                            self.to_outbox(&mut batch)?;
+                            self.record_in_outbox(&mut batch)?;
                             in_flight_bytes += batch.bytes;
                             in_flight.push_back(self.publish_future(*batch));
                         }
@@ -925,20 +1016,91 @@ impl StreamRunner {
         staged: &mut Staged,
         overlay: &std::sync::Mutex<Overlay>,
     ) -> Result<(), StreamError> {
-        let Some(checkpoint) = staged.checkpoint.take() else {
+        let Some((checkpoint, writes, last_seq)) = staged.take() else {
             return Ok(());
         };
-        let writes = std::mem::take(&mut staged.writes);
-        let last_seq = staged.last_seq;
-        *staged = Staged::default();
         self.commit_checkpoint(&checkpoint, &writes)?;
-        // After the commit, never before: the normalizer finds what it
-        // no longer sees in the overlay in the store.
-        overlay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release(last_seq);
-        tracing::debug!(batch = last_seq, "Checkpoint committed.");
+        release(overlay, last_seq);
+        Ok(())
+    }
+
+    /// Commits what is staged: in place, or (`background`) on a blocking
+    /// thread while the loop goes on publishing, unless a commit is running
+    /// already (then the next starts once it is done: commits stay in
+    /// order). A commit took ≈ 30 ms per 5,000 objects, in which the loop
+    /// used to take no batch and acknowledge nothing.
+    fn commit_staged(
+        &mut self,
+        staged: &mut Staged,
+        committing: &mut Option<Committing>,
+        overlay: &std::sync::Mutex<Overlay>,
+        background: bool,
+    ) -> Result<(), StreamError> {
+        if !background {
+            return self.flush(staged, overlay);
+        }
+        if committing.is_some() {
+            return Ok(());
+        }
+        let Some((checkpoint, writes, last_seq)) = staged.take() else {
+            return Ok(());
+        };
+        let store = self.store.clone();
+        let path = self.store().path().to_path_buf();
+        let cp = checkpoint.clone();
+        // The writes are dropped there too, off the loop.
+        let done = tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .commit(&cp, &writes)
+        });
+        *committing = Some(Committing {
+            checkpoint,
+            last_seq,
+            path,
+            done,
+        });
+        Ok(())
+    }
+
+    /// Waits for a background commit and completes it.
+    async fn finish_commit(
+        &mut self,
+        mut c: Committing,
+        staged: &mut Staged,
+        overlay: &std::sync::Mutex<Overlay>,
+    ) -> Result<(), StreamError> {
+        let done = (&mut c.done).await;
+        self.committed_in_background(c, done, staged, overlay)
+    }
+
+    /// Completes a background commit as [`Self::flush`] completes its own.
+    /// If it failed, what was staged since is dropped too: its memory
+    /// changes follow the failed commit's, so it can never be committed
+    /// without them (the outbox and Graph still have it all).
+    fn committed_in_background(
+        &mut self,
+        c: Committing,
+        done: Result<Result<(), CheckpointError>, tokio::task::JoinError>,
+        staged: &mut Staged,
+        overlay: &std::sync::Mutex<Overlay>,
+    ) -> Result<(), StreamError> {
+        let result = done.unwrap_or_else(|e| match e.try_into_panic() {
+            // A panic in the commit is the loop's own, as it was when the
+            // loop committed in place.
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(CheckpointError {
+                path: c.path.clone(),
+                message: format!("the commit did not run: {e}"),
+            }),
+        });
+        if let Err(e) = result {
+            *staged = Staged::default();
+            return Err(self.store_err(e));
+        }
+        self.committed_to(c.checkpoint);
+        release(overlay, c.last_seq);
         Ok(())
     }
 
@@ -1099,7 +1261,7 @@ impl StreamRunner {
             ends_round: false,
             outbox: Some(outbox),
         };
-        self.to_outbox(&mut batch)?;
+        self.record_in_outbox(&mut batch)?;
         if !self.publish_until_acked(&batch).await? {
             return Ok(false);
         }
