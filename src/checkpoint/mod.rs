@@ -718,12 +718,6 @@ impl Store {
         Ok(())
     }
 
-    /// Records a batch about to be handed to the sink (see "The outbox"),
-    /// encoded beforehand by [`OutboxRow::encode`].
-    pub fn put_outbox(&mut self, row: &mut OutboxRow) -> Result<(), CheckpointError> {
-        self.outbox_writer()?.put(row)
-    }
-
     /// A handle that records batches in the outbox without this store:
     /// a commit may hold the store on another thread meanwhile.
     pub fn outbox_writer(&mut self) -> Result<OutboxWriter, CheckpointError> {
@@ -1075,8 +1069,9 @@ mod tests {
         let mut json = OutboxRow::encode(&cp(1), &w, &events, EventsEncoding::JsonLines);
         let mut proto = OutboxRow::encode(&cp(2), &w, &events, EventsEncoding::ProtobufDelimited);
         let (json_bytes, proto_bytes) = (json.events().to_vec(), proto.events().to_vec());
-        s.put_outbox(&mut json).unwrap();
-        s.put_outbox(&mut proto).unwrap();
+        let outbox = s.outbox_writer().unwrap();
+        outbox.put(&mut json).unwrap();
+        outbox.put(&mut proto).unwrap();
         assert!(json.is_recorded() && proto.is_recorded());
         // As an earlier version wrote it: no encoding in the record.
         let old = CheckpointRecord {

@@ -261,7 +261,8 @@ struct Staged {
 /// 62 MiB at the same speed (a commit of 5,000 rows is still cheap). Since
 /// commits run in the background, a running commit's objects are held
 /// too while the next ones are staged: with 5,000, a 1M-user sync peaked
-/// at 57.6 and 63.6 MiB in two runs; with 2,500 at 54.0 MiB, as fast.
+/// at 57.6 and 63.6 MiB in two runs; with 2,500 at 54.0 MiB (single runs,
+/// too noisy to tell the speeds apart).
 const MAX_STAGED_BATCHES: u32 = 256;
 const MAX_STAGED_OBJECTS: usize = 2_500;
 
@@ -293,8 +294,6 @@ fn release(overlay: &std::sync::Mutex<Overlay>, last_seq: u64) {
 struct Committing {
     checkpoint: StreamCheckpoint,
     last_seq: u64,
-    /// The store's, for an error.
-    path: std::path::PathBuf,
     done: tokio::task::JoinHandle<Result<(), CheckpointError>>,
 }
 
@@ -1030,8 +1029,8 @@ impl StreamRunner {
     /// Commits what is staged: in place, or (`background`) on a blocking
     /// thread while the loop goes on publishing, unless a commit is running
     /// already (then the next starts once it is done: commits stay in
-    /// order). A commit took ≈ 30 ms per 5,000 objects, in which the loop
-    /// used to take no batch and acknowledge nothing.
+    /// order). A commit took ≈ 30-50 ms per 5,000 objects, in which the
+    /// loop used to take no batch and acknowledge nothing.
     fn commit_staged(
         &mut self,
         staged: &mut Staged,
@@ -1049,7 +1048,6 @@ impl StreamRunner {
             return Ok(());
         };
         let store = self.store.clone();
-        let path = self.store().path().to_path_buf();
         let cp = checkpoint.clone();
         // The writes are dropped there too, off the loop.
         let done = tokio::task::spawn_blocking(move || {
@@ -1061,7 +1059,6 @@ impl StreamRunner {
         *committing = Some(Committing {
             checkpoint,
             last_seq,
-            path,
             done,
         });
         Ok(())
@@ -1094,7 +1091,7 @@ impl StreamRunner {
             // loop committed in place.
             Ok(panic) => std::panic::resume_unwind(panic),
             Err(e) => Err(CheckpointError {
-                path: c.path.clone(),
+                path: self.store().path().to_path_buf(),
                 message: format!("the commit did not run: {e}"),
             }),
         });
