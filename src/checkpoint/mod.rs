@@ -84,12 +84,7 @@ impl OutboxRow {
         events: &[ChangeEvent],
         encoding: EventsEncoding,
     ) -> OutboxRow {
-        let record = CheckpointRecord {
-            checkpoint: Some(checkpoint.clone()),
-            state: Some(writes.to_proto()),
-            events_encoding: encoding as i32,
-        }
-        .encode_to_vec();
+        let record = encode_record(checkpoint, writes, encoding);
         let hint = crate::sink::estimated_len(encoding, events);
         let (frame, events_at) = outbox::frame(checkpoint.batch_seq, &record, hint, |buf| {
             crate::sink::encode_events_into(encoding, events, buf)
@@ -130,6 +125,27 @@ impl OutboxRow {
     pub fn is_recorded(&self) -> bool {
         self.recorded
     }
+}
+
+/// The `CheckpointRecord` of a batch, encoded as prost would encode it,
+/// without copying the writes into a `BatchState` first.
+fn encode_record(
+    checkpoint: &StreamCheckpoint,
+    writes: &StateWrites,
+    encoding: EventsEncoding,
+) -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint, int32, message};
+    let mut state = Vec::new();
+    writes.encode_proto(&mut state);
+    let mut record = Vec::with_capacity(checkpoint.encoded_len() + state.len() + 16);
+    message::encode(1, checkpoint, &mut record);
+    encode_key(2, WireType::LengthDelimited, &mut record);
+    encode_varint(state.len() as u64, &mut record);
+    record.extend_from_slice(&state);
+    if encoding as i32 != 0 {
+        int32::encode(3, &(encoding as i32), &mut record);
+    }
+    record
 }
 
 /// A batch that was (perhaps) handed to the sink but not committed.
@@ -1049,6 +1065,69 @@ mod tests {
                 ..Default::default()
             },
         ]
+    }
+
+    /// The record is encoded without a `BatchState`, as prost encodes one.
+    #[test]
+    fn records_are_encoded_as_prost_encodes_them() {
+        use crate::normalize::memory::{MemberKey, MemberRow};
+        let mut w = StateWrites::default();
+        let cp = StreamCheckpoint {
+            stream: "groups".into(),
+            batch_seq: 300,
+            link: "https://graph.microsoft.com/v1.0/groups/delta?$skiptoken=x".into(),
+            ..Default::default()
+        };
+        let check = |w: &StateWrites| {
+            for encoding in [EventsEncoding::JsonLines, EventsEncoding::ProtobufDelimited] {
+                let prost = CheckpointRecord {
+                    checkpoint: Some(cp.clone()),
+                    state: Some(w.to_proto()),
+                    events_encoding: encoding as i32,
+                }
+                .encode_to_vec();
+                assert_eq!(encode_record(&cp, w, encoding), prost);
+            }
+        };
+        check(&w);
+        for i in 0..40u64 {
+            let mut st = state(i, i * 7);
+            st.object_type = if i % 3 == 0 {
+                String::new()
+            } else {
+                "microsoft.graph.group".into()
+            };
+            st.hard_deleted = i % 5 == 0;
+            st.soft_deleted = i % 4 == 1;
+            st.property_hashes = (0..i % 6).collect();
+            w.objects
+                .insert(format!("id-{i:03}"), (i % 7 != 0).then_some(st));
+        }
+        w.objects
+            .insert(String::new(), Some(ObjectState::default()));
+        w.forgotten_groups
+            .extend(["g9".to_string(), String::new(), "g1".to_string()]);
+        for i in 0..30u64 {
+            let key = MemberKey {
+                group: format!("g{}", i % 4),
+                relationship: if i % 2 == 0 {
+                    "members".into()
+                } else {
+                    String::new()
+                },
+                member: format!("m{i}"),
+            };
+            let row = (i % 3 != 0).then(|| MemberRow {
+                member_type: if i % 5 == 0 {
+                    String::new()
+                } else {
+                    "microsoft.graph.user".into()
+                },
+                seen_round: i % 4,
+            });
+            w.members.insert(key, row);
+        }
+        check(&w);
     }
 
     /// A batch recorded in either encoding reads back as the same events,
