@@ -189,6 +189,7 @@ pub fn normalize_page(
         ctx,
         round,
         memory,
+        hash_order: HashOrder::default(),
         out: Normalized {
             // Nearly every object of a full round makes an event.
             events: Vec::with_capacity(objects.len()),
@@ -206,6 +207,8 @@ struct Normalizer<'a> {
     ctx: &'a StreamContext,
     round: &'a RoundContext,
     memory: &'a mut dyn MemoryView,
+    /// Sorts new objects' property hashes (see [`HashOrder`]).
+    hash_order: HashOrder,
     out: Normalized,
 }
 
@@ -311,7 +314,13 @@ impl Normalizer<'_> {
             }
             Removed::No => {
                 let changed =
-                    diff_properties(&object, &mut state, previous.is_none(), &mut content);
+                    diff_properties(
+                    &object,
+                    &mut state,
+                    previous.is_none(),
+                    &mut content,
+                    &mut self.hash_order,
+                );
                 let kind = match &previous {
                     None => Some(ChangeType::Created),
                     Some(p) if p.soft_deleted => Some(ChangeType::Restored),
@@ -514,13 +523,14 @@ fn has_at(bytes: &[u8]) -> bool {
 }
 
 /// Compares the properties with the remembered hashes, updating `state`;
-/// returns the sorted names of changed properties. For a new object every
-/// property present counts as changed.
+/// returns the names of changed properties, in key order (the order of
+/// `Fields`). For a new object every property present counts as changed.
 fn diff_properties(
     properties: &Fields,
     state: &mut ObjectState,
     is_new: bool,
     content: &mut hash::Mix,
+    hash_order: &mut HashOrder,
 ) -> Vec<String> {
     let mut changed = Vec::with_capacity(if is_new { properties.len() } else { 4 });
     if is_new {
@@ -536,14 +546,7 @@ fn diff_properties(
                 pairs.push((name_hash, v));
             }
         }
-        pairs.sort_unstable_by_key(|p| p.0);
-        pairs.dedup_by_key(|p| p.0);
-        state.property_hashes.clear();
-        state.property_hashes.reserve(pairs.len() * 2);
-        for (n, v) in pairs {
-            state.property_hashes.push(n);
-            state.property_hashes.push(v);
-        }
+        hash_order.sorted(&pairs, &mut state.property_hashes);
     } else {
         for (name, value) in properties {
             let name_hash = hash::name_hash(name);
@@ -557,11 +560,42 @@ fn diff_properties(
             }
         }
     }
-    // Sorted already when the map is ordered by key (serde_json's default).
-    if !changed.is_sorted() {
-        changed.sort_unstable();
-    }
+    debug_assert!(changed.is_sorted(), "`Fields` iterate in key order");
     changed
+}
+
+/// Puts a new object's (name hash, value hash) pairs in name-hash order,
+/// each name once, as `ObjectState::property_hashes` keeps them. Objects of
+/// one page mostly have the same properties in the same key order, so the
+/// order that sorted the previous object's is tried first: one comparison
+/// per pair to check it, where sorting 14 pairs cost ≈ 560 instructions.
+#[derive(Debug, Default)]
+struct HashOrder {
+    /// The previous object's name hashes, in its key order.
+    names: Vec<u64>,
+    /// Positions of those pairs in name-hash order, repeats left out.
+    order: Vec<usize>,
+}
+
+impl HashOrder {
+    fn sorted(&mut self, pairs: &[(u64, u64)], out: &mut Vec<u64>) {
+        let same = pairs.len() == self.names.len()
+            && pairs.iter().zip(&self.names).all(|(p, name)| p.0 == *name);
+        if !same {
+            self.names.clear();
+            self.names.extend(pairs.iter().map(|p| p.0));
+            self.order.clear();
+            self.order.extend(0..pairs.len());
+            // Stable: of pairs whose names hash alike, the first stays.
+            self.order.sort_by_key(|&i| pairs[i].0);
+            self.order.dedup_by_key(|i| pairs[*i].0);
+        }
+        out.clear();
+        out.reserve(self.order.len() * 2);
+        for &i in &self.order {
+            out.extend_from_slice(&[pairs[i].0, pairs[i].1]);
+        }
+    }
 }
 
 /// Removes every `<relationship>@delta` array from the object and returns
@@ -1112,6 +1146,38 @@ mod tests {
                 assert!(!has_at(&key));
                 key[at] = b'@' - 1;
                 assert!(!has_at(&key));
+            }
+        }
+    }
+
+    /// The remembered order gives what sorting gives, whatever came before.
+    #[test]
+    fn property_hashes_are_sorted_whatever_the_previous_object() {
+        let reference = |pairs: &[(u64, u64)]| {
+            let mut sorted = pairs.to_vec();
+            sorted.sort_by_key(|p| p.0);
+            sorted.dedup_by_key(|p| p.0);
+            sorted.into_iter().flat_map(|(n, v)| [n, v]).collect::<Vec<u64>>()
+        };
+        let objects: Vec<Vec<(u64, u64)>> = vec![
+            vec![(5, 1), (3, 2), (9, 3), (1, 4)],
+            vec![(5, 5), (3, 6), (9, 7), (1, 8)],
+            vec![(3, 1), (5, 2), (9, 3), (1, 4)],
+            vec![(5, 1), (3, 2), (9, 3)],
+            vec![],
+            vec![(7, 1), (7, 2), (2, 3)],
+            vec![(7, 9), (7, 8), (2, 7)],
+            vec![(u64::MAX, 1), (0, 2)],
+            vec![(5, 1), (3, 2), (9, 3), (1, 4)],
+        ];
+        let mut order = HashOrder::default();
+        for first in &objects {
+            for pairs in &objects {
+                let mut out = vec![42];
+                order.sorted(first, &mut out);
+                assert_eq!(out, reference(first));
+                order.sorted(pairs, &mut out);
+                assert_eq!(out, reference(pairs), "{pairs:?} after {first:?}");
             }
         }
     }
