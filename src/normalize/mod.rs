@@ -179,10 +179,15 @@ pub fn normalize_page(
     objects: Vec<Fields>,
     memory: &mut dyn MemoryView,
 ) -> Result<Normalized, NormalizeError> {
-    let ids: Vec<&str> = objects
-        .iter()
-        .filter_map(|o| o.get("id").and_then(Value::as_str))
-        .collect();
+    // Each object's id, taken out of it once.
+    let objects = objects
+        .into_iter()
+        .map(|mut object| match object.remove("id") {
+            Some(Value::String(id)) if !id.is_empty() => Ok((id, object)),
+            _ => Err(NormalizeError::MissingId),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids: Vec<&str> = objects.iter().map(|(id, _)| id.as_str()).collect();
     memory.prefetch(&ids)?;
     drop(ids);
     let mut n = Normalizer {
@@ -197,8 +202,8 @@ pub fn normalize_page(
         },
     };
     n.out.writes.objects.reserve(objects.len());
-    for object in objects {
-        n.object(object)?;
+    for (id, object) in objects {
+        n.object(id, object)?;
     }
     Ok(n.out)
 }
@@ -230,12 +235,11 @@ impl Normalizer<'_> {
         self.memory.member(key)
     }
 
-    fn object(&mut self, mut object: Fields) -> Result<(), NormalizeError> {
-        let id = match object.remove("id") {
-            Some(Value::String(id)) if !id.is_empty() => id,
-            _ => return Err(NormalizeError::MissingId),
-        };
-        let removed = match object.remove("@removed") {
+    fn object(&mut self, id: String, mut object: Fields) -> Result<(), NormalizeError> {
+        // Most objects have no key that starts with `@`: one search to
+        // know, not one per annotation.
+        let annotated = object.has_key_starting_with_at();
+        let removed = match annotated.then(|| object.remove("@removed")).flatten() {
             None => Removed::No,
             Some(v) => match v.get("reason").and_then(Value::as_str) {
                 Some("changed") => Removed::Changed,
@@ -248,7 +252,7 @@ impl Normalizer<'_> {
                 }
             },
         };
-        let sent_type = match object.remove("@odata.type") {
+        let sent_type = match annotated.then(|| object.remove("@odata.type")).flatten() {
             Some(Value::String(t)) => Some(t.trim_start_matches('#').to_string()),
             _ => None,
         };

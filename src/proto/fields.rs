@@ -48,6 +48,17 @@ impl Fields {
         self.find(key).ok().map(|i| &self.0[i].1)
     }
 
+    /// Whether a key starts with `@` (`@removed`, `@odata.type`, ...).
+    /// Such keys sort together, right after every key of a smaller first
+    /// byte: one binary search on prefixes.
+    pub fn has_key_starting_with_at(&self) -> bool {
+        const AT: u64 = (b'@' as u64) << 56;
+        let first = self.0.partition_point(|(k, _)| key_prefix(k) < AT);
+        self.0
+            .get(first)
+            .is_some_and(|(k, _)| k.as_bytes().first() == Some(&b'@'))
+    }
+
     pub fn contains_key(&self, key: &str) -> bool {
         self.find(key).is_ok()
     }
@@ -428,6 +439,24 @@ mod tests {
                     .collect();
                 assert_eq!(sorter.fields(entries), as_map(pairs), "{sequence:?}");
             }
+        }
+    }
+
+    #[test]
+    fn keys_starting_with_at_are_found_among_any_others() {
+        for (keys, expected) in [
+            (&[][..], false),
+            (&["a", "b"][..], false),
+            (&["x@odata.context", "a"][..], false),
+            (&["?", "#", "0", "A"][..], false),
+            (&["@"][..], true),
+            (&["@removed", "id"][..], true),
+            (&["$x", "#y", "9", "@odata.type", "a", "~"][..], true),
+            (&["\u{0}", "@", "@@"][..], true),
+            (&["?", "A@b", "\u{7f}"][..], false),
+        ] {
+            let f = fields(&keys.iter().map(|k| (*k, 1)).collect::<Vec<_>>());
+            assert_eq!(f.has_key_starting_with_at(), expected, "{keys:?}");
         }
     }
 
