@@ -317,8 +317,7 @@ impl Normalizer<'_> {
                 )
             }
             Removed::No => {
-                let changed =
-                    diff_properties(
+                let changed = diff_properties(
                     &object,
                     &mut state,
                     previous.is_none(),
@@ -1174,7 +1173,10 @@ mod tests {
             let mut sorted = pairs.to_vec();
             sorted.sort_by_key(|p| p.0);
             sorted.dedup_by_key(|p| p.0);
-            sorted.into_iter().flat_map(|(n, v)| [n, v]).collect::<Vec<u64>>()
+            sorted
+                .into_iter()
+                .flat_map(|(n, v)| [n, v])
+                .collect::<Vec<u64>>()
         };
         let objects: Vec<Vec<(u64, u64)>> = vec![
             vec![(5, 1), (3, 2), (9, 3), (1, 4)],

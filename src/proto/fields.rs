@@ -37,11 +37,8 @@ impl Fields {
     fn find(&self, key: &str) -> Result<usize, usize> {
         // The key's prefix once, not at every probe.
         let prefix = key_prefix(key);
-        self.0.binary_search_by(|(k, _)| {
-            key_prefix(k)
-                .cmp(&prefix)
-                .then_with(|| k.as_str().cmp(key))
-        })
+        self.0
+            .binary_search_by(|(k, _)| key_prefix(k).cmp(&prefix).then_with(|| k.as_str().cmp(key)))
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
