@@ -572,7 +572,7 @@ fn diff_properties(
 /// one page mostly come in a few shapes (the same properties in the same
 /// key order, some left out), so the orders that sorted the last few
 /// shapes are tried first: one comparison per pair to check one, where
-/// sorting 13 pairs cost ≈ 560 instructions.
+/// sorting them cost ≈ 560 instructions a user.
 #[derive(Debug, Default)]
 struct HashOrder {
     /// Most recent first: a shape's name hashes in its key order, and the
