@@ -44,6 +44,7 @@ pub mod outbox;
 use bytes::Bytes;
 use std::{
     collections::BTreeMap,
+    ops::Range,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -206,7 +207,12 @@ pub struct Store {
     outbox: Option<Arc<Mutex<outbox::OutboxLog>>>,
     /// Cluster mode: writes each commit to the shared state topic first.
     mirror: Option<Box<dyn CommitMirror>>,
+    /// A commit's encoded object states, kept for the next commit.
+    states: Vec<u8>,
 }
+
+/// A larger buffer of encoded states is not kept after its commit.
+const KEPT_STATES_BYTES: usize = 1 << 20;
 
 /// Something that must hold every commit before the store does: in cluster
 /// mode the compacted Kafka state topic ([`crate::cluster::state`]), so that
@@ -250,36 +256,42 @@ fn lookup_sql() -> &'static [String] {
     })
 }
 
-/// An object's row blob: its state, but for `seen_round`, which lives in
-/// a column of its own for reconciliation (a tombstone keeps it in the
-/// blob). Encoded field by field, as prost would encode the state with
-/// that one field changed, without copying the state first.
+/// An object's row blob, alone.
+#[cfg(test)]
 fn stored_state(state: &ObjectState) -> Vec<u8> {
+    let mut buf = Vec::new();
+    append_stored_state(state, &mut buf);
+    buf
+}
+
+/// Appends an object's row blob to `buf`: its state, but for `seen_round`,
+/// which lives in a column of its own for reconciliation (a tombstone
+/// keeps it in the blob). Encoded field by field, as prost would encode
+/// the state with that one field changed, without copying the state first.
+fn append_stored_state(state: &ObjectState, buf: &mut Vec<u8>) {
     use prost::encoding::{bool as pbool, fixed64, string, uint64};
-    let mut buf =
-        Vec::with_capacity(32 + state.object_type.len() + state.property_hashes.len() * 8);
+    buf.reserve(32 + state.object_type.len() + state.property_hashes.len() * 8);
     let seen_round = if state.hard_deleted {
         state.seen_round
     } else {
         0
     };
     if state.version != 0 {
-        uint64::encode(1, &state.version, &mut buf);
+        uint64::encode(1, &state.version, buf);
     }
     if state.soft_deleted {
-        pbool::encode(2, &state.soft_deleted, &mut buf);
+        pbool::encode(2, &state.soft_deleted, buf);
     }
     if seen_round != 0 {
-        uint64::encode(3, &seen_round, &mut buf);
+        uint64::encode(3, &seen_round, buf);
     }
-    fixed64::encode_packed(4, &state.property_hashes, &mut buf);
+    fixed64::encode_packed(4, &state.property_hashes, buf);
     if !state.object_type.is_empty() {
-        string::encode(5, &state.object_type, &mut buf);
+        string::encode(5, &state.object_type, buf);
     }
     if state.hard_deleted {
-        pbool::encode(6, &state.hard_deleted, &mut buf);
+        pbool::encode(6, &state.hard_deleted, buf);
     }
-    buf
 }
 
 /// `INSERT ... VALUES (?,?,?,?), ...` for 0..=INSERT_CHUNK rows.
@@ -371,6 +383,7 @@ impl Store {
             stream: stream.to_string(),
             outbox: None,
             mirror: None,
+            states: Vec::new(),
         };
         store.init().map_err(|e| store.err(e))?;
         Ok(store)
@@ -401,6 +414,7 @@ impl Store {
             stream: stream.to_string(),
             outbox: None,
             mirror: None,
+            states: Vec::new(),
         }))
     }
 
@@ -421,6 +435,7 @@ impl Store {
             stream: self.stream.clone(),
             outbox: None,
             mirror: None,
+            states: Vec::new(),
         })
     }
 
@@ -670,12 +685,19 @@ impl Store {
             )?;
             let mut delete = tx.prepare_cached("DELETE FROM objects WHERE key = ?1 AND id = ?2")?;
             // First sightings have no row: inserted in multi-row statements,
-            // which saves most of SQLite's per-statement work.
-            let mut fresh: Vec<(i64, &str, i64, Vec<u8>)> = Vec::new();
+            // which saves most of SQLite's per-statement work. Their states
+            // are encoded one after another into the store's buffer, kept
+            // from commit to commit: a vector per state, alive until the
+            // inserts, was ≈ 12% of a 100k-user sync's page faults.
+            let mut fresh: Vec<(i64, &str, i64, Range<usize>)> =
+                Vec::with_capacity(writes.new_objects.len());
+            let states = &mut self.states;
+            states.clear();
             for (id, state) in &writes.objects {
                 match state {
                     Some(state) => {
-                        let buf = stored_state(state);
+                        let start = states.len();
+                        append_stored_state(state, states);
                         // Tombstones are never stale: reconciliation skips them.
                         let seen = if state.hard_deleted {
                             TOMBSTONE_ROUND
@@ -684,10 +706,14 @@ impl Store {
                         };
                         let key = object_key(id);
                         if writes.new_objects.contains(id) {
-                            fresh.push((key, id, seen, buf));
-                        } else if update.execute(params![key, id, seen, buf])? == 0 {
+                            fresh.push((key, id, seen, start..states.len()));
+                            continue;
+                        }
+                        let buf = &states[start..];
+                        if update.execute(params![key, id, seen, buf])? == 0 {
                             insert.execute(params![key, id, seen, buf])?;
                         }
+                        states.truncate(start);
                     }
                     None => {
                         delete.execute(params![object_key(id), id])?;
@@ -701,9 +727,11 @@ impl Store {
             fresh.sort_unstable_by_key(|row| row.0);
             for rows in fresh.chunks(INSERT_CHUNK) {
                 let mut many = tx.prepare_cached(&insert_sql()[rows.len()])?;
+                let blobs: Vec<&[u8]> = rows.iter().map(|row| &states[row.3.clone()]).collect();
                 let params: Vec<&dyn rusqlite::ToSql> = rows
                     .iter()
-                    .flat_map(|(key, id, seen, blob)| {
+                    .zip(&blobs)
+                    .flat_map(|((key, id, seen, _), blob)| {
                         [
                             key as &dyn rusqlite::ToSql,
                             id as &dyn rusqlite::ToSql,
@@ -744,6 +772,9 @@ impl Store {
         }
         crate::failpoint::hit("committing");
         tx.commit()?;
+        if self.states.capacity() > KEPT_STATES_BYTES {
+            self.states = Vec::new();
+        }
         if let Some(log) = &self.outbox {
             lock(log).committed(checkpoint.batch_seq);
         }
@@ -1057,6 +1088,61 @@ mod tests {
         assert_eq!(s.object("a").unwrap().unwrap(), state(1, 1));
         assert_eq!(s.member(&key).unwrap().unwrap().seen_round, 1);
         assert_eq!(s.object_count().unwrap(), 2);
+    }
+
+    /// Updates, first sightings and deletions in one commit, in the maps'
+    /// order: each row gets its own state (the states share one buffer,
+    /// kept from commit to commit).
+    #[test]
+    fn one_commit_writes_each_object_its_own_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "users").unwrap();
+        let varied = |i: u64, round: u64| ObjectState {
+            version: i,
+            seen_round: round,
+            property_hashes: (0..i % 7).collect(),
+            object_type: "#microsoft.graph.user".repeat(i as usize % 3),
+            ..Default::default()
+        };
+        let checkpoint = |seq: u64| StreamCheckpoint {
+            stream: "users".into(),
+            batch_seq: seq,
+            ..Default::default()
+        };
+        let mut first = StateWrites::default();
+        for i in 0..200 {
+            first.objects.insert(format!("u{i}"), Some(varied(i, 1)));
+            first.new_objects.insert(format!("u{i}"));
+        }
+        s.commit(&checkpoint(1), &first).unwrap();
+        // Even objects updated, every third one deleted, 200 new ones.
+        let mut second = StateWrites::default();
+        for i in 0..200u64 {
+            if i % 3 == 0 {
+                second.objects.insert(format!("u{i}"), None);
+            } else if i % 2 == 0 {
+                second
+                    .objects
+                    .insert(format!("u{i}"), Some(varied(i + 1000, 2)));
+            }
+        }
+        for i in 200..400 {
+            second.objects.insert(format!("u{i}"), Some(varied(i, 2)));
+            second.new_objects.insert(format!("u{i}"));
+        }
+        s.commit(&checkpoint(2), &second).unwrap();
+        for i in 0..400u64 {
+            let expected = if i >= 200 {
+                Some(varied(i, 2))
+            } else if i % 3 == 0 {
+                None
+            } else if i % 2 == 0 {
+                Some(varied(i + 1000, 2))
+            } else {
+                Some(varied(i, 1))
+            };
+            assert_eq!(s.object(&format!("u{i}")).unwrap(), expected, "u{i}");
+        }
     }
 
     fn sample_events() -> Vec<ChangeEvent> {

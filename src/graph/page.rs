@@ -109,7 +109,7 @@ impl<'de> Visitor<'de> for ItemSeed<'_> {
 
     /// The members in Graph's order, sorted once ([`Fields`]).
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
-        let mut entries: Vec<(String, Value)> = Vec::with_capacity(24);
+        let mut entries = self.0.entries();
         while let Some(key) = map.next_key::<String>()? {
             entries.push((key, map.next_value()?));
         }

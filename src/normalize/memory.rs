@@ -70,6 +70,12 @@ impl StateWrites {
     /// Folds the writes of a later batch into these, so that committing the
     /// result equals committing both in order.
     pub fn merge(&mut self, later: StateWrites) {
+        // Into nothing: the later writes are the result (their maps, with
+        // no rehashing into new ones).
+        if self.is_empty() && self.new_objects.is_empty() {
+            *self = later;
+            return;
+        }
         for group in &later.forgotten_groups {
             self.members.retain(|k, _| &k.group != group);
         }
@@ -77,6 +83,13 @@ impl StateWrites {
         self.members.extend(later.members);
         self.objects.extend(later.objects);
         self.new_objects.extend(later.new_objects);
+    }
+
+    /// Room for `objects` more objects (and first sightings) without
+    /// growing the maps on the way.
+    pub fn reserve(&mut self, objects: usize) {
+        self.objects.reserve(objects);
+        self.new_objects.reserve(objects);
     }
 
     /// Forgets all of `group`'s memberships, including ones written earlier
@@ -567,9 +580,18 @@ mod tests {
         let (mut sequential, mut merged) = (MapMemory::default(), MapMemory::default());
         sequential.members.insert(key("g", "0"), row(0).unwrap());
         merged.members.insert(key("g", "0"), row(0).unwrap());
+        a.new_objects.insert("x".into());
         sequential.commit(&a);
         sequential.commit(&b);
+        // Merged into nothing first (the later writes are taken whole),
+        // sized up on the way, then into something.
+        let mut staged = StateWrites::default();
+        let mut first = a.clone();
+        first.reserve(100);
+        staged.merge(first);
+        staged.merge(b.clone());
         a.merge(b);
+        assert_eq!(staged.new_objects, a.new_objects);
         merged.commit(&a);
         assert_eq!(sequential.members, merged.members);
         assert_eq!(sequential.objects, merged.objects);
@@ -577,6 +599,11 @@ mod tests {
             merged.members.contains_key(&key("g", "2"))
                 && !merged.members.contains_key(&key("g", "1"))
         );
+        let mut from_staged = MapMemory::default();
+        from_staged.members.insert(key("g", "0"), row(0).unwrap());
+        from_staged.commit(&staged);
+        assert_eq!(sequential.members, from_staged.members);
+        assert_eq!(sequential.objects, from_staged.objects);
     }
 
     #[test]

@@ -137,6 +137,16 @@ pub struct KeySorter {
 const REMEMBERED_ORDERS: usize = 4;
 
 impl KeySorter {
+    /// An empty vector for the next object's members, with room for as
+    /// many as the largest of the remembered shapes has (24 before any).
+    /// Each object keeps its vector: room for 24 members of 56 bytes where
+    /// a user has 13 was ≈ 600 bytes a user of memory written for nothing
+    /// (and page faults for it, as freed pages go back to the system).
+    pub fn entries(&self) -> Vec<(String, Value)> {
+        let room = self.orders.iter().map(Vec::len).max().unwrap_or(24);
+        Vec::with_capacity(room)
+    }
+
     pub fn fields(&mut self, mut entries: Vec<(String, Value)>) -> Fields {
         let hit = self
             .orders
@@ -325,6 +335,27 @@ mod tests {
             map.insert(k.to_string(), json!(v));
         }
         Fields::from(map)
+    }
+
+    #[test]
+    fn room_for_members_is_the_largest_remembered_shape() {
+        let object = |n: usize| -> Vec<(String, Value)> {
+            (0..n).map(|i| (format!("k{i:02}"), Value::Null)).collect()
+        };
+        let mut sorter = KeySorter::default();
+        assert_eq!(sorter.entries().capacity(), 24);
+        sorter.fields(object(13));
+        sorter.fields(object(12));
+        assert_eq!(sorter.entries().capacity(), 13);
+        // Remembered shapes age out: four of 5 members leave room for 5.
+        for n in [2, 3, 4, 5] {
+            sorter.fields(object(n));
+        }
+        assert_eq!(sorter.entries().capacity(), 5);
+        // An object with more members than there is room for still fits.
+        let mut more = sorter.entries();
+        more.extend(object(30));
+        assert_eq!(sorter.fields(more).len(), 30);
     }
 
     #[test]

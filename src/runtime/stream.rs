@@ -265,6 +265,9 @@ struct Staged {
 /// too noisy to tell the speeds apart).
 const MAX_STAGED_BATCHES: u32 = 256;
 const MAX_STAGED_OBJECTS: usize = 2_500;
+/// A batch at least this large is taken for part of a sync (Graph's pages
+/// hold 100-999 objects then), so more like it are expected.
+const SYNC_BATCH_OBJECTS: usize = 64;
 
 impl Staged {
     fn is_full(&self) -> bool {
@@ -1004,7 +1007,16 @@ impl StreamRunner {
             ends_round: shared.ends_round,
             outbox: None,
         });
-        staged.writes.merge(batch.writes);
+        // During a sync (full pages) the merged writes grow to about
+        // `MAX_STAGED_OBJECTS` before they are committed: sized for that at
+        // once, the maps are not rebuilt four times on the way (≈ 8% of a
+        // 100k-user sync's page faults, `perf record -e page-faults`: each
+        // rebuild is fresh memory). A trickle of changes is not sized up.
+        let mut writes = batch.writes;
+        if staged.batches == 0 && writes.objects.len() >= SYNC_BATCH_OBJECTS {
+            writes.reserve(MAX_STAGED_OBJECTS.saturating_sub(writes.objects.len()));
+        }
+        staged.writes.merge(writes);
         staged.checkpoint = Some(batch.checkpoint);
         staged.last_seq = batch.seq;
         staged.batches += 1;
