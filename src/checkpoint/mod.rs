@@ -35,6 +35,17 @@
 //! (a full round's pages mostly only mark known objects and memberships as
 //! seen): a later batch committed from the outbox must not pass over them.
 //!
+//! # Where objects are found
+//! An object's row is found through an index on a 64-bit hash of its id.
+//! Ids are random GUIDs, so a commit of first sightings inserts random
+//! keys: once the index outgrows the page cache (about 300k objects), a
+//! commit of 2,500 of them rewrote most of its leaves, and a 1M-object sync
+//! wrote gigabytes of WAL. First sightings therefore go to a small table of
+//! their own, `recent`, whose index stays in cache; every [`MERGE_ROWS`]
+//! rows (and before inferred deletions are looked for) they move into
+//! `objects` in key order, which visits each leaf of the large index once.
+//! Lookups read both tables.
+//!
 //! The events are recorded in the sink's wire form ([`OutboxRow`]), and
 //! the sink is handed that same blob: encoded once, on the normalizer's
 //! thread. Cost: see the README's Performance section.
@@ -56,7 +67,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::{
     normalize::memory::{MemberKey, MemberRow, StateWrites},
     proto::v1::{
-        BatchState, ChangeEvent, CheckpointRecord, EventsEncoding, ObjectState, StreamCheckpoint,
+        BatchState, ChangeEvent, CheckpointRecord, EventsEncoding, ObjectState, Phase,
+        StreamCheckpoint,
     },
 };
 
@@ -157,7 +169,16 @@ pub struct PendingBatch {
     pub encoding: EventsEncoding,
 }
 
-const SCHEMA_VERSION: &str = "1";
+/// 2: first sightings in `recent` (see "Where objects are found"); a store
+/// of version 1 gets the table when the connector opens it.
+const SCHEMA_VERSION: &str = "2";
+
+/// Rows `recent` holds before they move into `objects`. At 1M users in one
+/// sync (`bench-worker`, two runs each): 50,000 took 10.9-11.5 s against
+/// 13.7-14.0 s with every first sighting inserted into `objects`, and 18 →
+/// 13.5-14.4 CPU-s; 100,000 was no faster (11.0-11.8 s). The index of
+/// 50,000 rows (≈ 1 MiB) stays in the writer's 4 MiB page cache.
+pub const MERGE_ROWS: usize = 50_000;
 
 /// `seen_round` of tombstones (hard-deleted objects kept for their version).
 const TOMBSTONE_ROUND: i64 = i64::MAX;
@@ -209,6 +230,10 @@ pub struct Store {
     mirror: Option<Box<dyn CommitMirror>>,
     /// A commit's encoded object states, kept for the next commit.
     states: Vec<u8>,
+    /// Rows in `recent` (the writer's count; 0 for readers).
+    recent: usize,
+    /// [`MERGE_ROWS`], smaller in tests.
+    merge_rows: usize,
 }
 
 /// A larger buffer of encoded states is not kept after its commit.
@@ -243,14 +268,22 @@ const LOOKUP_CHUNK: usize = 256;
 /// Rows inserted per statement (4 parameters each).
 const INSERT_CHUNK: usize = 64;
 
-/// `SELECT ... WHERE key IN (?, ...)` for 0..=LOOKUP_CHUNK keys.
+/// `SELECT ... WHERE key IN (?1, ...)` over both tables for
+/// 0..=LOOKUP_CHUNK keys (each bound once, used twice).
 fn lookup_sql() -> &'static [String] {
     static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         (0..=LOOKUP_CHUNK)
             .map(|n| {
-                let placeholders = vec!["?"; n.max(1)].join(",");
-                format!("SELECT id, seen_round, state FROM objects WHERE key IN ({placeholders})")
+                let placeholders = (1..=n.max(1))
+                    .map(|i| format!("?{i}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                format!(
+                    "SELECT id, seen_round, state FROM objects WHERE key IN ({placeholders})
+                     UNION ALL
+                     SELECT id, seen_round, state FROM recent WHERE key IN ({placeholders})"
+                )
             })
             .collect()
     })
@@ -310,10 +343,29 @@ fn insert_sql() -> &'static [String] {
         (0..=INSERT_CHUNK)
             .map(|n| {
                 let rows = vec!["(?,?,?,?)"; n.max(1)].join(",");
-                format!("INSERT OR FAIL INTO objects (key, id, seen_round, state) VALUES {rows}")
+                format!("INSERT OR FAIL INTO recent (key, id, seen_round, state) VALUES {rows}")
             })
             .collect()
     })
+}
+
+/// A store of schema version 1 that the connector has not opened since
+/// has no `recent` table: a read-only connection gets an empty one of its
+/// own (a temporary table), so that the same queries work.
+fn without_recent_table(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'recent')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch(
+            "CREATE TEMP TABLE recent (
+                 key INTEGER NOT NULL, id TEXT NOT NULL,
+                 seen_round INTEGER NOT NULL, state BLOB NOT NULL)",
+        )?;
+    }
+    Ok(())
 }
 
 /// The index key of an object id: its xxh3, as SQLite's signed integer.
@@ -377,15 +429,21 @@ impl Store {
             ))
         })?;
         let conn = Connection::open(&path).map_err(|e| fail(format!("cannot open: {e}")))?;
-        let store = Store {
+        let mut store = Store {
             conn,
             path: path.clone(),
             stream: stream.to_string(),
             outbox: None,
             mirror: None,
             states: Vec::new(),
+            recent: 0,
+            merge_rows: MERGE_ROWS,
         };
         store.init().map_err(|e| store.err(e))?;
+        store.recent = store
+            .conn
+            .query_row("SELECT count(*) FROM recent", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| store.err(e))? as usize;
         Ok(store)
     }
 
@@ -404,6 +462,7 @@ impl Store {
             })?;
         conn.busy_timeout(Duration::from_secs(5))
             .and_then(|()| register_functions(&conn))
+            .and_then(|()| without_recent_table(&conn))
             .map_err(|e| CheckpointError {
                 path: path.clone(),
                 message: e.to_string(),
@@ -415,6 +474,8 @@ impl Store {
             outbox: None,
             mirror: None,
             states: Vec::new(),
+            recent: 0,
+            merge_rows: MERGE_ROWS,
         }))
     }
 
@@ -436,6 +497,8 @@ impl Store {
             outbox: None,
             mirror: None,
             states: Vec::new(),
+            recent: 0,
+            merge_rows: MERGE_ROWS,
         })
     }
 
@@ -477,6 +540,11 @@ impl Store {
                  key INTEGER NOT NULL, id TEXT NOT NULL,
                  seen_round INTEGER NOT NULL, state BLOB NOT NULL);
              CREATE INDEX IF NOT EXISTS objects_by_key ON objects (key);
+             -- First sightings until they move into `objects` (module docs).
+             CREATE TABLE IF NOT EXISTS recent (
+                 key INTEGER NOT NULL, id TEXT NOT NULL,
+                 seen_round INTEGER NOT NULL, state BLOB NOT NULL);
+             CREATE INDEX IF NOT EXISTS recent_by_key ON recent (key);
              CREATE TABLE IF NOT EXISTS members (
                  group_id TEXT NOT NULL, relationship TEXT NOT NULL, member_id TEXT NOT NULL,
                  member_type TEXT NOT NULL, seen_round INTEGER NOT NULL,
@@ -502,6 +570,13 @@ impl Store {
                 )?;
             }
             Some(SCHEMA_VERSION) => {}
+            // Version 1 lacked `recent`, created above.
+            Some("1") => {
+                self.conn.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    [SCHEMA_VERSION],
+                )?;
+            }
             Some(other) => {
                 return Err(rusqlite::Error::InvalidParameterName(format!(
                     "schema version {other} is not supported by this graphdelta (expects {SCHEMA_VERSION})"
@@ -542,7 +617,11 @@ impl Store {
     pub fn object(&self, id: &str) -> Result<Option<ObjectState>, CheckpointError> {
         let row: Option<(i64, Vec<u8>)> = self
             .conn
-            .prepare_cached("SELECT seen_round, state FROM objects WHERE key = ?1 AND id = ?2")
+            .prepare_cached(
+                "SELECT seen_round, state FROM objects WHERE key = ?1 AND id = ?2
+                 UNION ALL
+                 SELECT seen_round, state FROM recent WHERE key = ?1 AND id = ?2",
+            )
             .and_then(|mut s| {
                 s.query_row(params![object_key(id), id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
@@ -588,7 +667,8 @@ impl Store {
     pub fn is_empty(&self) -> Result<(bool, bool), CheckpointError> {
         self.conn
             .query_row(
-                "SELECT NOT EXISTS (SELECT 1 FROM objects), NOT EXISTS (SELECT 1 FROM members)",
+                "SELECT NOT EXISTS (SELECT 1 FROM objects) AND NOT EXISTS (SELECT 1 FROM recent),
+                        NOT EXISTS (SELECT 1 FROM members)",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -672,6 +752,8 @@ impl Store {
         writes: &StateWrites,
     ) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
+        // Rows in `recent` once this commits.
+        let mut recent = self.recent;
         {
             let mut forget = tx.prepare_cached("DELETE FROM members WHERE group_id = ?1")?;
             for group in &writes.forgotten_groups {
@@ -680,10 +762,15 @@ impl Store {
             let mut update = tx.prepare_cached(
                 "UPDATE OR FAIL objects SET seen_round = ?3, state = ?4 WHERE key = ?1 AND id = ?2",
             )?;
+            let mut update_recent = tx.prepare_cached(
+                "UPDATE OR FAIL recent SET seen_round = ?3, state = ?4 WHERE key = ?1 AND id = ?2",
+            )?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO objects (key, id, seen_round, state) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO recent (key, id, seen_round, state) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let mut delete = tx.prepare_cached("DELETE FROM objects WHERE key = ?1 AND id = ?2")?;
+            let mut delete_recent =
+                tx.prepare_cached("DELETE FROM recent WHERE key = ?1 AND id = ?2")?;
             // First sightings have no row: inserted in multi-row statements,
             // which saves most of SQLite's per-statement work. Their states
             // are encoded one after another into the store's buffer, kept
@@ -710,13 +797,19 @@ impl Store {
                             continue;
                         }
                         let buf = &states[start..];
-                        if update.execute(params![key, id, seen, buf])? == 0 {
+                        if update.execute(params![key, id, seen, buf])? == 0
+                            && update_recent.execute(params![key, id, seen, buf])? == 0
+                        {
                             insert.execute(params![key, id, seen, buf])?;
+                            recent += 1;
                         }
                         states.truncate(start);
                     }
                     None => {
-                        delete.execute(params![object_key(id), id])?;
+                        let key = object_key(id);
+                        if delete.execute(params![key, id])? == 0 {
+                            recent -= delete_recent.execute(params![key, id])?;
+                        }
                     }
                 }
             }
@@ -741,6 +834,18 @@ impl Store {
                     })
                     .collect();
                 many.execute(params.as_slice())?;
+            }
+            recent += fresh.len();
+            // Before inferred deletions are looked for, all rows are in
+            // `objects` (`stale_objects`, `stale_members` read only it).
+            if recent >= self.merge_rows || (recent > 0 && checkpoint.phase() == Phase::Reconcile) {
+                // In key order: each leaf of `objects_by_key` is visited once.
+                tx.execute_batch(
+                    "INSERT INTO objects (key, id, seen_round, state)
+                         SELECT key, id, seen_round, state FROM recent ORDER BY key;
+                     DELETE FROM recent;",
+                )?;
+                recent = 0;
             }
             let mut put_member = tx.prepare_cached(
                 "INSERT OR REPLACE INTO members (group_id, relationship, member_id, member_type, seen_round)
@@ -772,6 +877,7 @@ impl Store {
         }
         crate::failpoint::hit("committing");
         tx.commit()?;
+        self.recent = recent;
         if self.states.capacity() > KEPT_STATES_BYTES {
             self.states = Vec::new();
         }
@@ -845,7 +951,8 @@ impl Store {
 
     /// Known objects not returned by full round `round`, in storage order
     /// after the cursor `after` (0 to start): the candidates for inferred
-    /// deletion, each with its cursor.
+    /// deletion, each with its cursor. Reads `objects` only: once a
+    /// checkpoint of phase `Reconcile` is committed, `recent` is empty.
     pub fn stale_objects(
         &self,
         round: u64,
@@ -872,7 +979,8 @@ impl Store {
 
     /// Memberships of groups returned by full round `round` that the round
     /// did not list, for the given relationships, grouped by group id (at
-    /// most `limit` rows, groups after `after_group`).
+    /// most `limit` rows, groups after `after_group`). Like
+    /// [`Store::stale_objects`], for the `Reconcile` phase.
     pub fn stale_members(
         &self,
         round: u64,
@@ -922,7 +1030,8 @@ impl Store {
     pub fn object_count(&self) -> Result<u64, CheckpointError> {
         self.conn
             .query_row(
-                "SELECT count(*) FROM objects WHERE seen_round < ?1",
+                "SELECT (SELECT count(*) FROM objects WHERE seen_round < ?1)
+                      + (SELECT count(*) FROM recent WHERE seen_round < ?1)",
                 [TOMBSTONE_ROUND],
                 |r| r.get::<_, i64>(0),
             )
@@ -937,7 +1046,11 @@ impl Store {
     ) -> Result<(), CheckpointError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, seen_round, state FROM objects ORDER BY id")
+            .prepare(
+                "SELECT id, seen_round, state FROM objects
+                 UNION ALL
+                 SELECT id, seen_round, state FROM recent ORDER BY id",
+            )
             .map_err(|e| self.err(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
         while let Some(row) = rows.next().map_err(|e| self.err(e))? {
@@ -1145,6 +1258,156 @@ mod tests {
         }
     }
 
+    fn rows_in(s: &Store, table: &str) -> i64 {
+        s.conn
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// First sightings wait in `recent` and move into `objects` every
+    /// `merge_rows` rows and at the `Reconcile` commit; every read sees
+    /// both tables, and updates and deletions find rows in either.
+    #[test]
+    fn first_sightings_move_into_objects_and_are_found_in_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "users").unwrap();
+        s.merge_rows = 10;
+        let checkpoint = |seq: u64, phase: Phase| StreamCheckpoint {
+            stream: "users".into(),
+            batch_seq: seq,
+            phase: phase as i32,
+            ..Default::default()
+        };
+        let fresh = |range: std::ops::Range<u64>| {
+            let mut w = StateWrites::default();
+            for i in range {
+                w.objects.insert(format!("u{i}"), Some(state(i, 1)));
+                w.new_objects.insert(format!("u{i}"));
+            }
+            w
+        };
+        let all_found = |s: &Store, n: u64, changed: &dyn Fn(u64) -> Option<ObjectState>| {
+            let ids: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let found = s.objects(&refs).unwrap();
+            let mut listed = Vec::new();
+            s.for_each_object(|id, st| listed.push((id.to_string(), st.clone())))
+                .unwrap();
+            for i in 0..n {
+                let expected = changed(i);
+                let id = format!("u{i}");
+                assert_eq!(s.object(&id).unwrap(), expected, "{id}");
+                assert_eq!(found.get(&id), expected.as_ref(), "{id}");
+                assert_eq!(
+                    listed.iter().find(|(l, _)| *l == id).map(|(_, st)| st),
+                    expected.as_ref(),
+                    "{id}"
+                );
+            }
+            assert!(listed.is_sorted_by(|a, b| a.0 < b.0));
+            assert_eq!(listed.len() as u64, s.object_count().unwrap());
+        };
+        s.commit(&checkpoint(1, Phase::Initial), &fresh(0..8))
+            .unwrap();
+        assert_eq!((rows_in(&s, "recent"), rows_in(&s, "objects")), (8, 0));
+        assert!(!s.is_empty().unwrap().0);
+        all_found(&s, 8, &|i| Some(state(i, 1)));
+        s.commit(&checkpoint(2, Phase::Initial), &fresh(8..16))
+            .unwrap();
+        assert_eq!((rows_in(&s, "recent"), rows_in(&s, "objects")), (0, 16));
+        s.commit(&checkpoint(3, Phase::Initial), &fresh(16..20))
+            .unwrap();
+        assert_eq!((rows_in(&s, "recent"), rows_in(&s, "objects")), (4, 16));
+        // Updated and deleted, in either table; one object never seen is
+        // written without being marked new (it goes to `recent`).
+        let mut w = StateWrites::default();
+        for i in [3, 17] {
+            w.objects.insert(format!("u{i}"), Some(state(100 + i, 2)));
+        }
+        for i in [4, 18] {
+            w.objects.insert(format!("u{i}"), None);
+        }
+        w.objects.insert("u20".into(), Some(state(20, 2)));
+        s.commit(&checkpoint(4, Phase::Initial), &w).unwrap();
+        assert_eq!((rows_in(&s, "recent"), rows_in(&s, "objects")), (4, 15));
+        let changed = |i: u64| match i {
+            3 | 17 => Some(state(100 + i, 2)),
+            4 | 18 => None,
+            20 => Some(state(20, 2)),
+            _ => Some(state(i, 1)),
+        };
+        all_found(&s, 21, &changed);
+        // The count survives reopening: 4 rows + 6 fresh reach 10.
+        drop(s);
+        let mut s = Store::open(dir.path(), "users").unwrap();
+        s.merge_rows = 10;
+        s.commit(&checkpoint(5, Phase::Initial), &fresh(21..27))
+            .unwrap();
+        assert_eq!((rows_in(&s, "recent"), rows_in(&s, "objects")), (0, 25));
+        s.commit(&checkpoint(6, Phase::Initial), &fresh(27..28))
+            .unwrap();
+        assert_eq!(rows_in(&s, "recent"), 1);
+        // The round's last commit empties `recent`: inferred deletions see
+        // every object the round did not return.
+        s.commit(&checkpoint(7, Phase::Reconcile), &StateWrites::default())
+            .unwrap();
+        assert_eq!((rows_in(&s, "recent"), rows_in(&s, "objects")), (0, 26));
+        let stale = s.stale_objects(2, 0, 100).unwrap();
+        assert_eq!(stale.len(), 23, "all but u3, u17, u20 (round 2) of 26");
+        all_found(&s, 28, &|i| {
+            if i >= 21 {
+                Some(state(i, 1))
+            } else {
+                changed(i)
+            }
+        });
+    }
+
+    /// A store of schema version 1 (no `recent`) is read as it is by a
+    /// read-only connection and upgraded by the connector.
+    #[test]
+    fn a_version_1_store_is_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(store_path(dir.path(), "users")).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE checkpoint (stream TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE objects (key INTEGER NOT NULL, id TEXT NOT NULL,
+                     seen_round INTEGER NOT NULL, state BLOB NOT NULL);
+                 CREATE INDEX objects_by_key ON objects (key);
+                 CREATE TABLE members (group_id TEXT NOT NULL, relationship TEXT NOT NULL,
+                     member_id TEXT NOT NULL, member_type TEXT NOT NULL, seen_round INTEGER NOT NULL,
+                     PRIMARY KEY (group_id, relationship, member_id)) WITHOUT ROWID;
+                 CREATE TABLE outbox (seq INTEGER PRIMARY KEY, record BLOB NOT NULL, events BLOB NOT NULL);
+                 INSERT INTO meta VALUES ('schema_version', '1'), ('stream', 'users');",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO objects VALUES (?1, 'a', 1, ?2)",
+                params![object_key("a"), stored_state(&state(7, 1))],
+            )
+            .unwrap();
+        }
+        let read = Store::open_read_only(dir.path(), "users").unwrap().unwrap();
+        assert_eq!(read.object("a").unwrap(), Some(state(7, 1)));
+        assert_eq!(read.object_count().unwrap(), 1);
+        drop(read);
+        let s = Store::open(dir.path(), "users").unwrap();
+        let version: String = s
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(rows_in(&s, "recent"), 0);
+        assert_eq!(s.objects(&["a", "b"]).unwrap().len(), 1);
+    }
+
     fn sample_events() -> Vec<ChangeEvent> {
         let props = serde_json::json!({"displayName": "Ann \"A\"", "n": 3, "ok": true, "x": null});
         vec![
@@ -1326,7 +1589,12 @@ mod tests {
                 }),
             );
         }
-        s.commit(&StreamCheckpoint::default(), &w).unwrap();
+        // The round's last commit: its rows move into `objects`.
+        let reconcile = StreamCheckpoint {
+            phase: Phase::Reconcile as i32,
+            ..Default::default()
+        };
+        s.commit(&reconcile, &w).unwrap();
         let stale = s.stale_objects(2, 0, 1).unwrap();
         assert_eq!(stale.len(), 1);
         let first = stale[0].1.clone();
