@@ -100,6 +100,7 @@ async fn publish(
     sink.publish(OutBatch {
         stream,
         seq,
+        event_count: events.len(),
         events,
         checkpoint: &checkpoint,
         writes: &Default::default(),

@@ -78,6 +78,10 @@ pub struct OutBatch<'a> {
     pub stream: &'a str,
     /// The batch's sequence number within the stream (strictly increasing).
     pub seq: u64,
+    /// How many events the batch holds.
+    pub event_count: usize,
+    /// The events themselves; empty for a sink that does not read them
+    /// ([`Sink::reads_events`]) when `encoded` holds them.
     pub events: &'a [ChangeEvent],
     /// The checkpoint that will be committed once this batch is
     /// acknowledged. Transactional sinks write it with the events.
@@ -100,7 +104,14 @@ impl OutBatch<'_> {
     pub fn json_lines(&self) -> Bytes {
         match self.encoded {
             Some(encoded) => encoded.clone(),
-            None => encode_events(EventsEncoding::JsonLines, self.events).into(),
+            None => {
+                debug_assert_eq!(
+                    self.events.len(),
+                    self.event_count,
+                    "events dropped unencoded"
+                );
+                encode_events(EventsEncoding::JsonLines, self.events).into()
+            }
         }
     }
 }
@@ -156,6 +167,13 @@ pub trait Sink: Send + Sync {
     /// (see [`OutBatch::encoded`]).
     fn encoding(&self) -> EventsEncoding {
         EventsEncoding::ProtobufDelimited
+    }
+
+    /// False for sinks that write only the batch's encoded events
+    /// ([`OutBatch::encoded`]) and need no more than their number: the
+    /// runtime then drops the events as soon as they are encoded.
+    fn reads_events(&self) -> bool {
+        true
     }
 
     /// True for sinks that write each batch's checkpoint together with its

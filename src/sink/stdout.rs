@@ -35,8 +35,13 @@ impl Sink for StdoutSink {
         EventsEncoding::JsonLines
     }
 
+    /// Writes the runtime's encoding as it is.
+    fn reads_events(&self) -> bool {
+        false
+    }
+
     async fn publish(&self, batch: OutBatch<'_>) -> Result<(), SinkError> {
-        if batch.events.is_empty() {
+        if batch.event_count == 0 {
             return Ok(());
         }
         let buf = batch.json_lines();

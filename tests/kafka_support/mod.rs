@@ -107,6 +107,7 @@ pub fn out_batch<'a>(
     OutBatch {
         stream,
         seq,
+        event_count: events.len(),
         events,
         checkpoint: cp,
         writes,

@@ -175,8 +175,13 @@ impl Sink for FileSink {
         EventsEncoding::JsonLines
     }
 
+    /// Writes the runtime's encoding as it is.
+    fn reads_events(&self) -> bool {
+        false
+    }
+
     async fn publish(&self, batch: OutBatch<'_>) -> Result<(), SinkError> {
-        if batch.events.is_empty() {
+        if batch.event_count == 0 {
             return Ok(());
         }
         let bytes = batch.json_lines();
@@ -245,6 +250,7 @@ mod tests {
         sink.publish(OutBatch {
             stream: "s",
             seq: 1,
+            event_count: events.len(),
             events: &events,
             checkpoint: &cp,
             writes: &Default::default(),

@@ -317,6 +317,7 @@ mod tests {
         let batch = |encoded| OutBatch {
             stream: "users",
             seq: 1,
+            event_count: events.len(),
             events: &events,
             checkpoint: &cp,
             writes: &writes,
@@ -347,6 +348,7 @@ mod tests {
         let batch = OutBatch {
             stream: "users",
             seq: 1,
+            event_count: events.len(),
             events: &events,
             checkpoint: &cp,
             writes: &Default::default(),
@@ -405,6 +407,7 @@ mod tests {
         let batch = OutBatch {
             stream: "users",
             seq: 7,
+            event_count: 0,
             events: &[],
             checkpoint: &cp,
             writes: &Default::default(),
