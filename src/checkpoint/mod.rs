@@ -40,11 +40,11 @@
 //! Ids are random GUIDs, so a commit of first sightings inserts random
 //! keys: once the index outgrows the page cache (about 300k objects), a
 //! commit of 2,500 of them rewrote most of its leaves, and a 1M-object sync
-//! wrote gigabytes of WAL. First sightings therefore go to a small table of
-//! their own, `recent`, whose index stays in cache; every [`MERGE_ROWS`]
-//! rows (and before inferred deletions are looked for) they move into
-//! `objects` in key order, which visits each leaf of the large index once.
-//! Lookups read both tables.
+//! wrote gigabytes of WAL. First sightings of a store past [`DIRECT_ROWS`]
+//! objects therefore go to a small table of their own, `recent`, whose
+//! index stays in cache; every [`MERGE_ROWS`] rows (and before inferred
+//! deletions are looked for) they move into `objects` in key order, which
+//! visits each leaf of the large index once. Lookups read both tables.
 //!
 //! The events are recorded in the sink's wire form ([`OutboxRow`]), and
 //! the sink is handed that same blob: encoded once, on the normalizer's
@@ -180,6 +180,12 @@ const SCHEMA_VERSION: &str = "2";
 /// 50,000 rows (≈ 1 MiB) stays in the writer's 4 MiB page cache.
 pub const MERGE_ROWS: usize = 50_000;
 
+/// While the store holds fewer objects than this, first sightings go
+/// straight into `objects`: its index still fits the page cache, and
+/// copying every row once more (the move out of `recent`) cost ≈ 5k
+/// instructions an object (a 20k-user sync, callgrind: 0.81 → 0.91 G).
+pub const DIRECT_ROWS: usize = 150_000;
+
 /// `seen_round` of tombstones (hard-deleted objects kept for their version).
 const TOMBSTONE_ROUND: i64 = i64::MAX;
 
@@ -230,9 +236,12 @@ pub struct Store {
     mirror: Option<Box<dyn CommitMirror>>,
     /// A commit's encoded object states, kept for the next commit.
     states: Vec<u8>,
-    /// Rows in `recent` (the writer's count; 0 for readers).
+    /// Rows in `objects` and in `recent` (the writer's counts; 0 for
+    /// readers).
+    objects: usize,
     recent: usize,
-    /// [`MERGE_ROWS`], smaller in tests.
+    /// [`DIRECT_ROWS`] and [`MERGE_ROWS`], smaller in tests.
+    direct_rows: usize,
     merge_rows: usize,
 }
 
@@ -337,13 +346,15 @@ fn append_stored_state(state: &ObjectState, buf: &mut Vec<u8>) {
 /// 5,000 objects (`strace`). A failure here fails the whole transaction
 /// anyway, so nothing needs undoing statement by statement. 100k users:
 /// 1.95 s → 1.58 s, 2.37 → 2.01 CPU-s.
-fn insert_sql() -> &'static [String] {
-    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| {
+fn insert_sql(table: &str) -> &'static [String] {
+    static OBJECTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    static RECENT: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let sql = if table == "recent" { &RECENT } else { &OBJECTS };
+    sql.get_or_init(|| {
         (0..=INSERT_CHUNK)
             .map(|n| {
                 let rows = vec!["(?,?,?,?)"; n.max(1)].join(",");
-                format!("INSERT OR FAIL INTO recent (key, id, seen_round, state) VALUES {rows}")
+                format!("INSERT OR FAIL INTO {table} (key, id, seen_round, state) VALUES {rows}")
             })
             .collect()
     })
@@ -436,14 +447,22 @@ impl Store {
             outbox: None,
             mirror: None,
             states: Vec::new(),
+            objects: 0,
             recent: 0,
+            direct_rows: DIRECT_ROWS,
             merge_rows: MERGE_ROWS,
         };
         store.init().map_err(|e| store.err(e))?;
-        store.recent = store
-            .conn
-            .query_row("SELECT count(*) FROM recent", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| store.err(e))? as usize;
+        let count = |table: &str| {
+            store
+                .conn
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|n| n as usize)
+                .map_err(|e| store.err(e))
+        };
+        (store.objects, store.recent) = (count("objects")?, count("recent")?);
         Ok(store)
     }
 
@@ -474,7 +493,9 @@ impl Store {
             outbox: None,
             mirror: None,
             states: Vec::new(),
+            objects: 0,
             recent: 0,
+            direct_rows: DIRECT_ROWS,
             merge_rows: MERGE_ROWS,
         }))
     }
@@ -497,7 +518,9 @@ impl Store {
             outbox: None,
             mirror: None,
             states: Vec::new(),
+            objects: 0,
             recent: 0,
+            direct_rows: DIRECT_ROWS,
             merge_rows: MERGE_ROWS,
         })
     }
@@ -752,8 +775,14 @@ impl Store {
         writes: &StateWrites,
     ) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        // Rows in `recent` once this commits.
-        let mut recent = self.recent;
+        // Rows in `objects` and in `recent` once this commits.
+        let (mut objects, mut recent) = (self.objects, self.recent);
+        // Where this commit's first sightings go (module docs).
+        let into = if objects + recent < self.direct_rows {
+            "objects"
+        } else {
+            "recent"
+        };
         {
             let mut forget = tx.prepare_cached("DELETE FROM members WHERE group_id = ?1")?;
             for group in &writes.forgotten_groups {
@@ -765,9 +794,7 @@ impl Store {
             let mut update_recent = tx.prepare_cached(
                 "UPDATE OR FAIL recent SET seen_round = ?3, state = ?4 WHERE key = ?1 AND id = ?2",
             )?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO recent (key, id, seen_round, state) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut insert = tx.prepare_cached(&insert_sql(into)[1])?;
             let mut delete = tx.prepare_cached("DELETE FROM objects WHERE key = ?1 AND id = ?2")?;
             let mut delete_recent =
                 tx.prepare_cached("DELETE FROM recent WHERE key = ?1 AND id = ?2")?;
@@ -776,6 +803,8 @@ impl Store {
             // are encoded one after another into the store's buffer, kept
             // from commit to commit: a vector per state, alive until the
             // inserts, was ≈ 12% of a 100k-user sync's page faults.
+            // Rows inserted by this commit.
+            let mut fresh_rows = 0;
             let mut fresh: Vec<(i64, &str, i64, Range<usize>)> =
                 Vec::with_capacity(writes.new_objects.len());
             let states = &mut self.states;
@@ -801,13 +830,15 @@ impl Store {
                             && update_recent.execute(params![key, id, seen, buf])? == 0
                         {
                             insert.execute(params![key, id, seen, buf])?;
-                            recent += 1;
+                            fresh_rows += 1;
                         }
                         states.truncate(start);
                     }
                     None => {
                         let key = object_key(id);
-                        if delete.execute(params![key, id])? == 0 {
+                        let deleted = delete.execute(params![key, id])?;
+                        objects -= deleted;
+                        if deleted == 0 {
                             recent -= delete_recent.execute(params![key, id])?;
                         }
                     }
@@ -819,7 +850,7 @@ impl Store {
             // 146k `pread`s, 325k → 260k `pwrite`s).
             fresh.sort_unstable_by_key(|row| row.0);
             for rows in fresh.chunks(INSERT_CHUNK) {
-                let mut many = tx.prepare_cached(&insert_sql()[rows.len()])?;
+                let mut many = tx.prepare_cached(&insert_sql(into)[rows.len()])?;
                 let blobs: Vec<&[u8]> = rows.iter().map(|row| &states[row.3.clone()]).collect();
                 let params: Vec<&dyn rusqlite::ToSql> = rows
                     .iter()
@@ -835,7 +866,12 @@ impl Store {
                     .collect();
                 many.execute(params.as_slice())?;
             }
-            recent += fresh.len();
+            fresh_rows += fresh.len();
+            if into == "objects" {
+                objects += fresh_rows;
+            } else {
+                recent += fresh_rows;
+            }
             // Before inferred deletions are looked for, all rows are in
             // `objects` (`stale_objects`, `stale_members` read only it).
             if recent >= self.merge_rows || (recent > 0 && checkpoint.phase() == Phase::Reconcile) {
@@ -845,6 +881,7 @@ impl Store {
                          SELECT key, id, seen_round, state FROM recent ORDER BY key;
                      DELETE FROM recent;",
                 )?;
+                objects += recent;
                 recent = 0;
             }
             let mut put_member = tx.prepare_cached(
@@ -877,7 +914,7 @@ impl Store {
         }
         crate::failpoint::hit("committing");
         tx.commit()?;
-        self.recent = recent;
+        (self.objects, self.recent) = (objects, recent);
         if self.states.capacity() > KEPT_STATES_BYTES {
             self.states = Vec::new();
         }
@@ -1271,7 +1308,7 @@ mod tests {
     fn first_sightings_move_into_objects_and_are_found_in_both() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), "users").unwrap();
-        s.merge_rows = 10;
+        (s.direct_rows, s.merge_rows) = (0, 10);
         let checkpoint = |seq: u64, phase: Phase| StreamCheckpoint {
             stream: "users".into(),
             batch_seq: seq,
@@ -1340,7 +1377,7 @@ mod tests {
         // The count survives reopening: 4 rows + 6 fresh reach 10.
         drop(s);
         let mut s = Store::open(dir.path(), "users").unwrap();
-        s.merge_rows = 10;
+        (s.direct_rows, s.merge_rows) = (0, 10);
         s.commit(&checkpoint(5, Phase::Initial), &fresh(21..27))
             .unwrap();
         assert_eq!((rows_in(&s, "recent"), rows_in(&s, "objects")), (0, 25));
@@ -1361,6 +1398,47 @@ mod tests {
                 changed(i)
             }
         });
+    }
+
+    /// A small store takes first sightings straight into `objects`; past
+    /// `direct_rows` objects (counted again when reopened) into `recent`.
+    #[test]
+    fn first_sightings_go_straight_into_a_small_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = |range: std::ops::Range<u64>| {
+            let mut w = StateWrites::default();
+            for i in range {
+                w.objects.insert(format!("u{i}"), Some(state(i, 1)));
+                w.new_objects.insert(format!("u{i}"));
+            }
+            w
+        };
+        let cp = StreamCheckpoint::default();
+        let mut s = Store::open(dir.path(), "users").unwrap();
+        (s.direct_rows, s.merge_rows) = (10, 100);
+        s.commit(&cp, &fresh(0..8)).unwrap();
+        assert_eq!((rows_in(&s, "objects"), rows_in(&s, "recent")), (8, 0));
+        // 8 < 10 before this commit: all of it still goes straight in.
+        s.commit(&cp, &fresh(8..16)).unwrap();
+        assert_eq!((rows_in(&s, "objects"), rows_in(&s, "recent")), (16, 0));
+        s.commit(&cp, &fresh(16..20)).unwrap();
+        assert_eq!((rows_in(&s, "objects"), rows_in(&s, "recent")), (16, 4));
+        // Deleting 7 leaves 13 rows (9 in `objects`): still past 10 after
+        // reopening.
+        let mut w = StateWrites::default();
+        for i in 0..7 {
+            w.objects.insert(format!("u{i}"), None);
+        }
+        s.commit(&cp, &w).unwrap();
+        drop(s);
+        let mut s = Store::open(dir.path(), "users").unwrap();
+        (s.direct_rows, s.merge_rows) = (10, 100);
+        assert_eq!((s.objects, s.recent), (9, 4));
+        s.commit(&cp, &fresh(20..22)).unwrap();
+        assert_eq!((rows_in(&s, "objects"), rows_in(&s, "recent")), (9, 6));
+        for i in 7..22 {
+            assert_eq!(s.object(&format!("u{i}")).unwrap(), Some(state(i, 1)));
+        }
     }
 
     /// A store of schema version 1 (no `recent`) is read as it is by a
