@@ -798,13 +798,13 @@ impl Store {
             let mut delete = tx.prepare_cached("DELETE FROM objects WHERE key = ?1 AND id = ?2")?;
             let mut delete_recent =
                 tx.prepare_cached("DELETE FROM recent WHERE key = ?1 AND id = ?2")?;
+            // Rows inserted by this commit.
+            let mut fresh_rows = 0;
             // First sightings have no row: inserted in multi-row statements,
             // which saves most of SQLite's per-statement work. Their states
             // are encoded one after another into the store's buffer, kept
             // from commit to commit: a vector per state, alive until the
             // inserts, was ≈ 12% of a 100k-user sync's page faults.
-            // Rows inserted by this commit.
-            let mut fresh_rows = 0;
             let mut fresh: Vec<(i64, &str, i64, Range<usize>)> =
                 Vec::with_capacity(writes.new_objects.len());
             let states = &mut self.states;
@@ -837,9 +837,10 @@ impl Store {
                     None => {
                         let key = object_key(id);
                         let deleted = delete.execute(params![key, id])?;
-                        objects -= deleted;
+                        objects = objects.saturating_sub(deleted);
                         if deleted == 0 {
-                            recent -= delete_recent.execute(params![key, id])?;
+                            let deleted = delete_recent.execute(params![key, id])?;
+                            recent = recent.saturating_sub(deleted);
                         }
                     }
                 }
