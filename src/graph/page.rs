@@ -10,7 +10,10 @@ use serde::{
 };
 use serde_json::Value;
 
-use crate::proto::{Fields, fields::KeySorter};
+use crate::proto::{
+    Fields,
+    fields::{Key, KeySorter},
+};
 
 /// A parsed delta page.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +113,7 @@ impl<'de> Visitor<'de> for ItemSeed<'_> {
     /// The members in Graph's order, sorted once ([`Fields`]).
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
         let mut entries = self.0.entries();
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(key) = map.next_key::<Key>()? {
             entries.push((key, map.next_value()?));
         }
         Ok(Item::Object(self.0.fields(entries)))
@@ -292,7 +295,7 @@ mod tests {
             br#"{"@odata.deltaLink":"d","value":[{"b":1,"id":"x","a":2},{"b":3,"id":"y","a":4},{"id":"z","b":5,"a":6},{"b":7,"id":"w","b":8},{"b":9,"id":"v","a":0}]}"#,
         )
         .unwrap();
-        let keys: Vec<Vec<&String>> = p.objects.iter().map(|o| o.keys().collect()).collect();
+        let keys: Vec<Vec<&str>> = p.objects.iter().map(|o| o.keys().collect()).collect();
         assert_eq!(keys[0], ["a", "b", "id"]);
         assert_eq!(keys[1], ["a", "b", "id"]);
         assert_eq!(keys[2], ["a", "b", "id"]);

@@ -259,7 +259,7 @@ impl Normalizer<'_> {
         let relationship_deltas = extract_relationship_deltas(&id, &mut object)?;
         // What remains minus annotations (`@odata.etag`, `x@odata.context`,
         // ...) is the object's properties as Graph returned them.
-        if !object.keys().all(|k| is_property(k)) {
+        if !object.keys().all(is_property) {
             object.retain(|k, _| is_property(k));
         }
 
@@ -542,7 +542,7 @@ fn diff_properties(
         for (name, value) in properties {
             let name_hash = hash::name_hash(name);
             let value_hash = hash::value_hash(value);
-            changed.push(name.clone());
+            changed.push(name.to_owned());
             content.add(name_hash);
             content.add(value_hash.unwrap_or(0));
             if let Some(v) = value_hash {
@@ -556,7 +556,7 @@ fn diff_properties(
             let value_hash = hash::value_hash(value);
             let before = state.property_hash(name_hash);
             if before != value_hash {
-                changed.push(name.clone());
+                changed.push(name.to_owned());
                 content.add(name_hash);
                 content.add(value_hash.unwrap_or(0));
                 state.set_property_hash(name_hash, value_hash);
@@ -624,7 +624,7 @@ fn extract_relationship_deltas(
     let keys: Vec<String> = object
         .keys()
         .filter(|k| k.ends_with("@delta") && k.len() > "@delta".len())
-        .cloned()
+        .map(str::to_owned)
         .collect();
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {

@@ -15,19 +15,27 @@ use std::ops::Index;
 
 use serde_json::{Map, Value};
 
+/// A member's key. Up to 24 bytes are kept inline, and nearly every Graph
+/// property name is that short (`userPrincipalName` has 17 bytes; a few,
+/// such as `signInSessionsValidFromDateTime`, are longer and allocated):
+/// parsing a page then allocates nothing for most keys, where a `String`
+/// per key cost an allocation on the fetcher's thread and a free on the
+/// normalizer's.
+pub type Key = compact_str::CompactString;
+
 /// A JSON object's members, sorted by key, each key once.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Fields(Vec<(String, Value)>);
+pub struct Fields(Vec<(Key, Value)>);
 
 impl Fields {
     /// Members in any order; a repeated key keeps its last value (as
     /// `serde_json` does).
-    pub fn from_entries(entries: Vec<(String, Value)>) -> Self {
+    pub fn from_entries(entries: Vec<(Key, Value)>) -> Self {
         KeySorter::default().fields(entries)
     }
 
     /// Members already sorted by key, each key once.
-    fn from_sorted(entries: Vec<(String, Value)>) -> Self {
+    fn from_sorted(entries: Vec<(Key, Value)>) -> Self {
         debug_assert!(entries.is_sorted_by(|a, b| a.0 < b.0));
         Fields(entries)
     }
@@ -61,7 +69,8 @@ impl Fields {
     }
 
     /// Sets a member; returns the value it replaces.
-    pub fn insert(&mut self, key: String, value: Value) -> Option<Value> {
+    pub fn insert(&mut self, key: impl Into<Key>, value: Value) -> Option<Value> {
+        let key = key.into();
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
@@ -92,17 +101,20 @@ impl Fields {
     }
 
     /// The members in key order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &Value)> {
-        self.0.iter().map(|(k, v)| (k, v))
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 
-    pub fn keys(&self) -> impl ExactSizeIterator<Item = &String> {
-        self.0.iter().map(|(k, _)| k)
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
     }
 
     /// As a `serde_json` map.
     pub fn into_map(self) -> Map<String, Value> {
-        self.0.into_iter().collect()
+        self.0
+            .into_iter()
+            .map(|(k, v)| (String::from(k), v))
+            .collect()
     }
 }
 
@@ -130,7 +142,7 @@ pub struct KeySorter {
     pairs: Vec<(u64, u32)>,
     /// Scratch: an emptied vector of members, whose room the next object
     /// put in a remembered order is moved into (no allocation).
-    spare: Vec<(String, Value)>,
+    spare: Vec<(Key, Value)>,
 }
 
 /// Orders a [`KeySorter`] remembers.
@@ -142,12 +154,12 @@ impl KeySorter {
     /// Each object keeps its vector: room for 24 members of 56 bytes where
     /// a user has 13 was ≈ 600 bytes a user of memory written for nothing
     /// (and page faults for it, as freed pages go back to the system).
-    pub fn entries(&self) -> Vec<(String, Value)> {
+    pub fn entries(&self) -> Vec<(Key, Value)> {
         let room = self.orders.iter().map(Vec::len).max().unwrap_or(24);
         Vec::with_capacity(room)
     }
 
-    pub fn fields(&mut self, mut entries: Vec<(String, Value)>) -> Fields {
+    pub fn fields(&mut self, mut entries: Vec<(Key, Value)>) -> Fields {
         let hit = self
             .orders
             .iter()
@@ -222,13 +234,13 @@ impl KeySorter {
 }
 
 /// Whether `order` (arrival indexes) puts `entries` in strict key order.
-fn sorts(order: &[u32], entries: &[(String, Value)]) -> bool {
-    strictly_ascending(order.iter().map(|&i| &entries[i as usize].0))
+fn sorts(order: &[u32], entries: &[(Key, Value)]) -> bool {
+    strictly_ascending(order.iter().map(|&i| entries[i as usize].0.as_str()))
 }
 
 /// Whether the keys come in strict key order. Each key's prefix is taken
 /// once; whole keys are compared only where prefixes are equal.
-fn strictly_ascending<'a>(keys: impl Iterator<Item = &'a String>) -> bool {
+fn strictly_ascending<'a>(keys: impl Iterator<Item = &'a str>) -> bool {
     let mut keys = keys.map(|key| (key_prefix(key), key));
     let Some(mut previous) = keys.next() else {
         return true;
@@ -255,14 +267,14 @@ fn key_prefix(key: &str) -> u64 {
 }
 
 impl<'a> IntoIterator for &'a Fields {
-    type Item = (&'a String, &'a Value);
+    type Item = (&'a str, &'a Value);
     type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, Value)>,
-        fn(&'a (String, Value)) -> (&'a String, &'a Value),
+        std::slice::Iter<'a, (Key, Value)>,
+        fn(&'a (Key, Value)) -> (&'a str, &'a Value),
     >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, v)| (k, v))
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 }
 
@@ -270,8 +282,8 @@ impl From<Map<String, Value>> for Fields {
     fn from(map: Map<String, Value>) -> Self {
         // In key order already (byte order, as `key_prefix` orders them)
         // unless serde_json's `preserve_order` is on somewhere in the build.
-        let entries: Vec<(String, Value)> = map.into_iter().collect();
-        if strictly_ascending(entries.iter().map(|(k, _)| k)) {
+        let entries: Vec<(Key, Value)> = map.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        if strictly_ascending(entries.iter().map(|(k, _)| k.as_str())) {
             Fields(entries)
         } else {
             Fields::from_entries(entries)
@@ -285,9 +297,9 @@ impl From<Fields> for Map<String, Value> {
     }
 }
 
-impl FromIterator<(String, Value)> for Fields {
-    fn from_iter<I: IntoIterator<Item = (String, Value)>>(iter: I) -> Self {
-        Fields::from_entries(iter.into_iter().collect())
+impl<K: Into<Key>> FromIterator<(K, Value)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Self {
+        Fields::from_entries(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
     }
 }
 
@@ -323,7 +335,7 @@ mod tests {
         Fields::from_entries(
             pairs
                 .iter()
-                .map(|(k, v)| (k.to_string(), json!(v)))
+                .map(|(k, v)| (Key::from(*k), json!(v)))
                 .collect(),
         )
     }
@@ -339,8 +351,10 @@ mod tests {
 
     #[test]
     fn room_for_members_is_the_largest_remembered_shape() {
-        let object = |n: usize| -> Vec<(String, Value)> {
-            (0..n).map(|i| (format!("k{i:02}"), Value::Null)).collect()
+        let object = |n: usize| -> Vec<(Key, Value)> {
+            (0..n)
+                .map(|i| (Key::from(format!("k{i:02}")), Value::Null))
+                .collect()
         };
         let mut sorter = KeySorter::default();
         assert_eq!(sorter.entries().capacity(), 24);
@@ -440,9 +454,9 @@ mod tests {
             ],
         ] {
             for pairs in objects {
-                let entries: Vec<(String, Value)> = pairs
+                let entries: Vec<(Key, Value)> = pairs
                     .iter()
-                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .map(|(k, v)| (Key::from(*k), json!(v)))
                     .collect();
                 assert_eq!(sorter.fields(entries), as_map(pairs), "{pairs:?}");
             }
@@ -462,9 +476,9 @@ mod tests {
         for n in 0..all.len().pow(4) {
             let sequence = [n % 7, n / 7 % 7, n / 49 % 7, n / 343 % 7];
             for pairs in sequence.map(|i| all[i]) {
-                let entries: Vec<(String, Value)> = pairs
+                let entries: Vec<(Key, Value)> = pairs
                     .iter()
-                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .map(|(k, v)| (Key::from(*k), json!(v)))
                     .collect();
                 assert_eq!(sorter.fields(entries), as_map(pairs), "{sequence:?}");
             }
@@ -492,9 +506,9 @@ mod tests {
     #[test]
     fn insert_remove_retain_keep_the_order() {
         let mut f = fields(&[("b", 1), ("a", 2)]);
-        assert_eq!(f.insert("c".into(), json!(3)), None);
-        assert_eq!(f.insert("a".into(), json!(4)), Some(json!(2)));
-        assert_eq!(f.insert("".into(), json!(5)), None);
+        assert_eq!(f.insert("c", json!(3)), None);
+        assert_eq!(f.insert("a", json!(4)), Some(json!(2)));
+        assert_eq!(f.insert("", json!(5)), None);
         assert_eq!(f.keys().collect::<Vec<_>>(), ["", "a", "b", "c"]);
         assert_eq!(f.remove("b"), Some(json!(1)));
         assert_eq!(f.remove("b"), None);

@@ -172,13 +172,16 @@ impl<'a> Fields<'a> {
 }
 
 /// A JSON object's members: a nested `Map`, or the top level's `Fields`.
-fn write_object<'a>(map: impl IntoIterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
+fn write_object<'a, K: AsRef<str>>(
+    map: impl IntoIterator<Item = (K, &'a Value)>,
+    out: &mut Vec<u8>,
+) {
     out.push(b'{');
     for (i, (k, v)) in map.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_str(k, out);
+        write_str(k.as_ref(), out);
         out.push(b':');
         write_value(v, out);
     }

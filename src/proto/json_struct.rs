@@ -59,9 +59,9 @@ fn delimited_len(tag: u32, len: usize) -> usize {
 }
 
 /// A JSON object's members: a nested `Map`, or the top level's [`Fields`].
-fn map_len<'a>(map: impl IntoIterator<Item = (&'a String, &'a Value)>) -> usize {
+fn map_len<'a, K: AsRef<str>>(map: impl IntoIterator<Item = (K, &'a Value)>) -> usize {
     map.into_iter()
-        .map(|(k, v)| delimited_len(STRUCT_FIELDS, entry_len(k, v)))
+        .map(|(k, v)| delimited_len(STRUCT_FIELDS, entry_len(k.as_ref(), v)))
         .sum()
 }
 
@@ -88,8 +88,12 @@ fn value_len(value: &Value) -> usize {
     }
 }
 
-fn encode_map<'a>(map: impl IntoIterator<Item = (&'a String, &'a Value)>, buf: &mut impl BufMut) {
+fn encode_map<'a, K: AsRef<str>>(
+    map: impl IntoIterator<Item = (K, &'a Value)>,
+    buf: &mut impl BufMut,
+) {
     for (k, v) in map {
+        let k = k.as_ref();
         encode_key(STRUCT_FIELDS, WireType::LengthDelimited, buf);
         encode_varint(entry_len(k, v) as u64, buf);
         encode_key(ENTRY_KEY, WireType::LengthDelimited, buf);
