@@ -9,6 +9,8 @@
 use serde_json::Value;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_64_with_seed};
 
+use crate::proto::fields::FieldValue;
+
 /// Hash of a property name.
 pub fn name_hash(name: &str) -> u64 {
     xxh3_64(name.as_bytes())
@@ -30,6 +32,15 @@ pub fn value_hash(value: &Value) -> Option<u64> {
             feed(&mut hasher, value);
             Some(hasher.digest())
         }
+    }
+}
+
+/// [`value_hash`] of a parsed member's value (a string hashes as the
+/// same `Value::String` would).
+pub fn field_hash(value: &FieldValue) -> Option<u64> {
+    match value {
+        FieldValue::Str(s) => Some(xxh3_64_with_seed(s.as_bytes(), 1)),
+        FieldValue::Json(v) => value_hash(v),
     }
 }
 
@@ -167,5 +178,36 @@ mod tests {
         hashes.dedup();
         assert_eq!(hashes.len(), values.len());
         assert_eq!(value_hash(&Value::Null), None);
+    }
+
+    #[test]
+    fn parsed_values_hash_as_the_json_values_they_are() {
+        for text in [
+            r#""""#,
+            r#""short""#,
+            r#""a string longer than twenty-four bytes""#,
+            r#""esc\"aped \u00e9 \n""#,
+            "0",
+            "-3",
+            "18446744073709551615",
+            "1.5",
+            "1.0",
+            "true",
+            "null",
+            r#"["+1 206 555 0100"]"#,
+            r#"{"b": [1, "x"], "a": true}"#,
+        ] {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let parsed: FieldValue = serde_json::from_str(text).unwrap();
+            assert_eq!(field_hash(&parsed), value_hash(&value), "{text}");
+            assert_eq!(
+                field_hash(&FieldValue::from(value.clone())),
+                value_hash(&value)
+            );
+            assert_eq!(
+                field_hash(&FieldValue::Json(value.clone())),
+                value_hash(&value)
+            );
+        }
     }
 }

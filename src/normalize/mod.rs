@@ -39,6 +39,7 @@ use crate::{
     config::ResolvedStream,
     proto::{
         Fields, JsonStruct,
+        fields::FieldValue,
         v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType, ObjectState},
     },
 };
@@ -182,10 +183,12 @@ pub fn normalize_page(
     // Each object's id, taken out of it once.
     let objects = objects
         .into_iter()
-        .map(|mut object| match object.remove("id") {
-            Some(Value::String(id)) if !id.is_empty() => Ok((id, object)),
-            _ => Err(NormalizeError::MissingId),
-        })
+        .map(
+            |mut object| match object.remove("id").and_then(FieldValue::into_string) {
+                Some(id) if !id.is_empty() => Ok((id, object)),
+                _ => Err(NormalizeError::MissingId),
+            },
+        )
         .collect::<Result<Vec<_>, _>>()?;
     let ids: Vec<&str> = objects.iter().map(|(id, _)| id.as_str()).collect();
     memory.prefetch(&ids)?;
@@ -252,10 +255,10 @@ impl Normalizer<'_> {
                 }
             },
         };
-        let sent_type = match annotated.then(|| object.remove("@odata.type")).flatten() {
-            Some(Value::String(t)) => Some(t.trim_start_matches('#').to_string()),
-            _ => None,
-        };
+        let sent_type = annotated
+            .then(|| object.remove("@odata.type"))
+            .flatten()
+            .and_then(|t| t.as_str().map(|t| t.trim_start_matches('#').to_string()));
         let relationship_deltas = extract_relationship_deltas(&id, &mut object)?;
         // What remains minus annotations (`@odata.etag`, `x@odata.context`,
         // ...) is the object's properties as Graph returned them.
@@ -541,7 +544,7 @@ fn diff_properties(
         let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(properties.len());
         for (name, value) in properties {
             let name_hash = hash::name_hash(name);
-            let value_hash = hash::value_hash(value);
+            let value_hash = hash::field_hash(value);
             changed.push(name.to_owned());
             content.add(name_hash);
             content.add(value_hash.unwrap_or(0));
@@ -553,7 +556,7 @@ fn diff_properties(
     } else {
         for (name, value) in properties {
             let name_hash = hash::name_hash(name);
-            let value_hash = hash::value_hash(value);
+            let value_hash = hash::field_hash(value);
             let before = state.property_hash(name_hash);
             if before != value_hash {
                 changed.push(name.to_owned());
@@ -629,7 +632,7 @@ fn extract_relationship_deltas(
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
         let relationship = key.trim_end_matches("@delta").to_string();
-        let Some(Value::Array(items)) = object.remove(&key) else {
+        let Some(FieldValue::Json(Value::Array(items))) = object.remove(&key) else {
             return Err(NormalizeError::BadRelationship {
                 id: id.to_string(),
                 relationship,

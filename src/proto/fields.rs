@@ -10,32 +10,189 @@
 //! the members in key order or looks up a few keys, which a sorted vector
 //! does as well. Nested objects stay `serde_json` maps: Graph's objects are
 //! nearly flat.
+//!
+//! Keys and string values are kept inline up to 24 bytes ([`Key`],
+//! [`FieldValue::Str`]): a user's property names and most of its values
+//! are that short, so parsing a page allocates little but the ids, the
+//! longer strings and the member vectors. Each `String` had cost an
+//! allocation on the fetcher's thread and a free on the normalizer's.
 
-use std::ops::Index;
+use std::{fmt, ops::Index};
 
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-/// A member's key. Up to 24 bytes are kept inline, and nearly every Graph
-/// property name is that short (`userPrincipalName` has 17 bytes; a few,
-/// such as `signInSessionsValidFromDateTime`, are longer and allocated):
-/// parsing a page then allocates nothing for most keys, where a `String`
-/// per key cost an allocation on the fetcher's thread and a free on the
-/// normalizer's.
+/// A member's key, inline up to 24 bytes. Nearly every Graph property name
+/// is that short (`userPrincipalName` has 17 bytes); a few, such as
+/// `signInSessionsValidFromDateTime`, are longer and allocated.
 pub type Key = compact_str::CompactString;
+
+/// A member's value: a string (inline up to 24 bytes), or any other JSON
+/// value. Strings are always `Str` (every constructor here makes them so),
+/// but two values compare by their JSON either way.
+#[derive(Debug, Clone)]
+pub enum FieldValue {
+    Str(Key),
+    /// Null, a boolean, a number, an array or an object.
+    Json(Value),
+}
+
+impl FieldValue {
+    /// The string, if it is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            FieldValue::Str(s) => Some(s),
+            FieldValue::Json(v) => v.as_str(),
+        }
+    }
+
+    /// The string, if it is one (a long one keeps its allocation).
+    pub fn into_string(self) -> Option<String> {
+        match self {
+            FieldValue::Str(s) => Some(s.into_string()),
+            FieldValue::Json(Value::String(s)) => Some(s),
+            FieldValue::Json(_) => None,
+        }
+    }
+
+    /// A member of an object value, as `Value::get` finds it.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            FieldValue::Str(_) => None,
+            FieldValue::Json(v) => v.get(key),
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        match self {
+            FieldValue::Str(s) => Value::String(s.into_string()),
+            FieldValue::Json(v) => v,
+        }
+    }
+}
+
+impl Default for FieldValue {
+    fn default() -> Self {
+        FieldValue::Json(Value::Null)
+    }
+}
+
+impl From<Value> for FieldValue {
+    fn from(value: Value) -> Self {
+        match value {
+            Value::String(s) => FieldValue::Str(s.into()),
+            other => FieldValue::Json(other),
+        }
+    }
+}
+
+impl PartialEq for FieldValue {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (FieldValue::Json(a), FieldValue::Json(b)) => a == b,
+            _ => self.as_str().is_some() && self.as_str() == other.as_str(),
+        }
+    }
+}
+
+impl PartialEq<Value> for FieldValue {
+    fn eq(&self, other: &Value) -> bool {
+        match (self, other) {
+            (FieldValue::Json(a), b) => a == b,
+            (FieldValue::Str(a), Value::String(b)) => a == b,
+            (FieldValue::Str(_), _) => false,
+        }
+    }
+}
+
+impl serde::Serialize for FieldValue {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            FieldValue::Str(s) => serializer.serialize_str(s),
+            FieldValue::Json(v) => v.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FieldValue {
+    /// Strings straight into a [`Key`]; anything else as `serde_json` reads it.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FieldValueVisitor)
+    }
+}
+
+struct FieldValueVisitor;
+
+impl<'de> Visitor<'de> for FieldValueVisitor {
+    type Value = FieldValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldValue, E> {
+        Ok(FieldValue::Str(Key::new(s)))
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<FieldValue, E> {
+        Ok(FieldValue::Str(s.into()))
+    }
+
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<FieldValue, E> {
+        Ok(FieldValue::Json(Value::Bool(b)))
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<FieldValue, E> {
+        Ok(FieldValue::Json(Value::from(n)))
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<FieldValue, E> {
+        Ok(FieldValue::Json(Value::from(n)))
+    }
+
+    /// As `serde_json` does: a float that is not finite is null.
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<FieldValue, E> {
+        Ok(FieldValue::Json(
+            serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number),
+        ))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<FieldValue, E> {
+        Ok(FieldValue::Json(Value::Null))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<FieldValue, E> {
+        Ok(FieldValue::Json(Value::Null))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<FieldValue, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<FieldValue, A::Error> {
+        serde::Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq))
+            .map(FieldValue::Json)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FieldValue, A::Error> {
+        serde::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))
+            .map(FieldValue::Json)
+    }
+}
 
 /// A JSON object's members, sorted by key, each key once.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Fields(Vec<(Key, Value)>);
+pub struct Fields(Vec<(Key, FieldValue)>);
 
 impl Fields {
     /// Members in any order; a repeated key keeps its last value (as
     /// `serde_json` does).
-    pub fn from_entries(entries: Vec<(Key, Value)>) -> Self {
+    pub fn from_entries(entries: Vec<(Key, FieldValue)>) -> Self {
         KeySorter::default().fields(entries)
     }
 
     /// Members already sorted by key, each key once.
-    fn from_sorted(entries: Vec<(Key, Value)>) -> Self {
+    fn from_sorted(entries: Vec<(Key, FieldValue)>) -> Self {
         debug_assert!(entries.is_sorted_by(|a, b| a.0 < b.0));
         Fields(entries)
     }
@@ -49,7 +206,7 @@ impl Fields {
             .binary_search_by(|(k, _)| key_prefix(k).cmp(&prefix).then_with(|| k.as_str().cmp(key)))
     }
 
-    pub fn get(&self, key: &str) -> Option<&Value> {
+    pub fn get(&self, key: &str) -> Option<&FieldValue> {
         self.find(key).ok().map(|i| &self.0[i].1)
     }
 
@@ -69,8 +226,12 @@ impl Fields {
     }
 
     /// Sets a member; returns the value it replaces.
-    pub fn insert(&mut self, key: impl Into<Key>, value: Value) -> Option<Value> {
-        let key = key.into();
+    pub fn insert(
+        &mut self,
+        key: impl Into<Key>,
+        value: impl Into<FieldValue>,
+    ) -> Option<FieldValue> {
+        let (key, value) = (key.into(), value.into());
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
@@ -80,11 +241,11 @@ impl Fields {
         }
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<Value> {
+    pub fn remove(&mut self, key: &str) -> Option<FieldValue> {
         self.find(key).ok().map(|i| self.0.remove(i).1)
     }
 
-    pub fn retain(&mut self, mut keep: impl FnMut(&str, &mut Value) -> bool) {
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &mut FieldValue) -> bool) {
         self.0.retain_mut(|(k, v)| keep(k, v));
     }
 
@@ -101,7 +262,7 @@ impl Fields {
     }
 
     /// The members in key order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> {
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &FieldValue)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 
@@ -113,7 +274,7 @@ impl Fields {
     pub fn into_map(self) -> Map<String, Value> {
         self.0
             .into_iter()
-            .map(|(k, v)| (String::from(k), v))
+            .map(|(k, v)| (k.into_string(), v.into_value()))
             .collect()
     }
 }
@@ -142,7 +303,7 @@ pub struct KeySorter {
     pairs: Vec<(u64, u32)>,
     /// Scratch: an emptied vector of members, whose room the next object
     /// put in a remembered order is moved into (no allocation).
-    spare: Vec<(Key, Value)>,
+    spare: Vec<(Key, FieldValue)>,
 }
 
 /// Orders a [`KeySorter`] remembers.
@@ -154,12 +315,12 @@ impl KeySorter {
     /// Each object keeps its vector: room for 24 members of 56 bytes where
     /// a user has 13 was ≈ 600 bytes a user of memory written for nothing
     /// (and page faults for it, as freed pages go back to the system).
-    pub fn entries(&self) -> Vec<(Key, Value)> {
+    pub fn entries(&self) -> Vec<(Key, FieldValue)> {
         let room = self.orders.iter().map(Vec::len).max().unwrap_or(24);
         Vec::with_capacity(room)
     }
 
-    pub fn fields(&mut self, mut entries: Vec<(Key, Value)>) -> Fields {
+    pub fn fields(&mut self, mut entries: Vec<(Key, FieldValue)>) -> Fields {
         let hit = self
             .orders
             .iter()
@@ -234,7 +395,7 @@ impl KeySorter {
 }
 
 /// Whether `order` (arrival indexes) puts `entries` in strict key order.
-fn sorts(order: &[u32], entries: &[(Key, Value)]) -> bool {
+fn sorts(order: &[u32], entries: &[(Key, FieldValue)]) -> bool {
     strictly_ascending(order.iter().map(|&i| entries[i as usize].0.as_str()))
 }
 
@@ -267,10 +428,10 @@ fn key_prefix(key: &str) -> u64 {
 }
 
 impl<'a> IntoIterator for &'a Fields {
-    type Item = (&'a str, &'a Value);
+    type Item = (&'a str, &'a FieldValue);
     type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (Key, Value)>,
-        fn(&'a (Key, Value)) -> (&'a str, &'a Value),
+        std::slice::Iter<'a, (Key, FieldValue)>,
+        fn(&'a (Key, FieldValue)) -> (&'a str, &'a FieldValue),
     >;
 
     fn into_iter(self) -> Self::IntoIter {
@@ -282,7 +443,8 @@ impl From<Map<String, Value>> for Fields {
     fn from(map: Map<String, Value>) -> Self {
         // In key order already (byte order, as `key_prefix` orders them)
         // unless serde_json's `preserve_order` is on somewhere in the build.
-        let entries: Vec<(Key, Value)> = map.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        let entries: Vec<(Key, FieldValue)> =
+            map.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         if strictly_ascending(entries.iter().map(|(k, _)| k.as_str())) {
             Fields(entries)
         } else {
@@ -297,17 +459,21 @@ impl From<Fields> for Map<String, Value> {
     }
 }
 
-impl<K: Into<Key>> FromIterator<(K, Value)> for Fields {
-    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Self {
-        Fields::from_entries(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
+impl<K: Into<Key>, V: Into<FieldValue>> FromIterator<(K, V)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Fields::from_entries(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 }
 
 impl Index<&str> for Fields {
-    type Output = Value;
+    type Output = FieldValue;
 
     /// The member's value; panics if there is none (as `Map` does).
-    fn index(&self, key: &str) -> &Value {
+    fn index(&self, key: &str) -> &FieldValue {
         self.get(key)
             .unwrap_or_else(|| panic!("no member `{key}` in the object"))
     }
@@ -335,7 +501,7 @@ mod tests {
         Fields::from_entries(
             pairs
                 .iter()
-                .map(|(k, v)| (Key::from(*k), json!(v)))
+                .map(|(k, v)| (Key::from(*k), json!(v).into()))
                 .collect(),
         )
     }
@@ -351,9 +517,9 @@ mod tests {
 
     #[test]
     fn room_for_members_is_the_largest_remembered_shape() {
-        let object = |n: usize| -> Vec<(Key, Value)> {
+        let object = |n: usize| -> Vec<(Key, FieldValue)> {
             (0..n)
-                .map(|i| (Key::from(format!("k{i:02}")), Value::Null))
+                .map(|i| (Key::from(format!("k{i:02}")), FieldValue::default()))
                 .collect()
         };
         let mut sorter = KeySorter::default();
@@ -414,7 +580,7 @@ mod tests {
                     map.keys().collect::<Vec<_>>()
                 );
                 for k in keys {
-                    assert_eq!(mine.get(k), map.get(k), "{k}");
+                    assert_eq!(mine.get(k).unwrap(), map.get(k).unwrap(), "{k}");
                     assert_eq!(mine[k], map[k]);
                 }
                 assert_eq!(mine.get("absent"), None);
@@ -454,9 +620,9 @@ mod tests {
             ],
         ] {
             for pairs in objects {
-                let entries: Vec<(Key, Value)> = pairs
+                let entries: Vec<(Key, FieldValue)> = pairs
                     .iter()
-                    .map(|(k, v)| (Key::from(*k), json!(v)))
+                    .map(|(k, v)| (Key::from(*k), json!(v).into()))
                     .collect();
                 assert_eq!(sorter.fields(entries), as_map(pairs), "{pairs:?}");
             }
@@ -476,9 +642,9 @@ mod tests {
         for n in 0..all.len().pow(4) {
             let sequence = [n % 7, n / 7 % 7, n / 49 % 7, n / 343 % 7];
             for pairs in sequence.map(|i| all[i]) {
-                let entries: Vec<(Key, Value)> = pairs
+                let entries: Vec<(Key, FieldValue)> = pairs
                     .iter()
-                    .map(|(k, v)| (Key::from(*k), json!(v)))
+                    .map(|(k, v)| (Key::from(*k), json!(v).into()))
                     .collect();
                 assert_eq!(sorter.fields(entries), as_map(pairs), "{sequence:?}");
             }
@@ -507,10 +673,10 @@ mod tests {
     fn insert_remove_retain_keep_the_order() {
         let mut f = fields(&[("b", 1), ("a", 2)]);
         assert_eq!(f.insert("c", json!(3)), None);
-        assert_eq!(f.insert("a", json!(4)), Some(json!(2)));
+        assert_eq!(f.insert("a", json!(4)), Some(json!(2).into()));
         assert_eq!(f.insert("", json!(5)), None);
         assert_eq!(f.keys().collect::<Vec<_>>(), ["", "a", "b", "c"]);
-        assert_eq!(f.remove("b"), Some(json!(1)));
+        assert_eq!(f.remove("b"), Some(json!(1).into()));
         assert_eq!(f.remove("b"), None);
         f.retain(|k, _| k != "c");
         assert_eq!(serde_json::to_value(&f).unwrap(), json!({"": 5, "a": 4}));
@@ -519,5 +685,56 @@ mod tests {
         assert_eq!(back.len(), 2);
         f.clear();
         assert!(f.is_empty());
+    }
+
+    /// Every kind of JSON value, parsed as a member's value and as a
+    /// `serde_json::Value`: the same JSON, and strings always inline or
+    /// heap `Str`, never `Json`.
+    #[test]
+    fn values_parse_as_serde_json_reads_them() {
+        for text in [
+            r#""""#,
+            r#""twenty-four bytes, inline""#,
+            r#""twenty-five bytes, on heap""#,
+            r#""esc\"aped \u00e9 \ud83d\ude00 \n \/""#,
+            "0",
+            "-9223372036854775808",
+            "18446744073709551615",
+            "1.5",
+            "-0.0",
+            "true",
+            "false",
+            "null",
+            "[]",
+            r#"["+1 206 555 0100", 2, null]"#,
+            r#"{"b": [1, "x"], "a": {"c": true}}"#,
+        ] {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let parsed: FieldValue = serde_json::from_str(text).unwrap();
+            assert_eq!(parsed, value, "{text}");
+            assert_eq!(parsed, FieldValue::from(value.clone()), "{text}");
+            assert_eq!(parsed.clone().into_value(), value, "{text}");
+            assert_eq!(serde_json::to_value(&parsed).unwrap(), value, "{text}");
+            assert_eq!(
+                matches!(parsed, FieldValue::Str(_)),
+                value.is_string(),
+                "{text}"
+            );
+            assert_eq!(parsed.as_str(), value.as_str());
+            assert_eq!(
+                parsed.clone().into_string(),
+                value.as_str().map(String::from)
+            );
+        }
+        // A string held either way is the same value.
+        let held = FieldValue::Json(json!("x"));
+        assert_eq!(held, FieldValue::Str(Key::new("x")));
+        assert_eq!(FieldValue::Str(Key::new("x")), held);
+        assert_eq!(held.into_string().as_deref(), Some("x"));
+        assert_ne!(FieldValue::Str(Key::new("1")), FieldValue::Json(json!(1)));
+        assert_eq!(
+            FieldValue::Json(json!({"reason": "changed"})).get("reason"),
+            Some(&json!("changed"))
+        );
     }
 }

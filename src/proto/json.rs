@@ -13,7 +13,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use super::v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType};
+use super::{
+    fields::FieldValue,
+    v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType},
+};
 
 /// Appends the event's canonical JSON (no trailing newline).
 pub fn write_event(e: &ChangeEvent, out: &mut Vec<u8>) {
@@ -80,7 +83,7 @@ impl JsonWriter {
         }
         if let Some(p) = &e.properties {
             w.key(b"\"properties\":");
-            write_object(&p.fields, w.out);
+            write_object(&p.fields, w.out, write_field_value);
         }
         if !e.changed_properties.is_empty() {
             w.key(b"\"changedProperties\":");
@@ -172,9 +175,10 @@ impl<'a> Fields<'a> {
 }
 
 /// A JSON object's members: a nested `Map`, or the top level's `Fields`.
-fn write_object<'a, K: AsRef<str>>(
-    map: impl IntoIterator<Item = (K, &'a Value)>,
+fn write_object<'a, K: AsRef<str>, V: 'a + ?Sized>(
+    map: impl IntoIterator<Item = (K, &'a V)>,
     out: &mut Vec<u8>,
+    write: fn(&V, &mut Vec<u8>),
 ) {
     out.push(b'{');
     for (i, (k, v)) in map.into_iter().enumerate() {
@@ -183,9 +187,16 @@ fn write_object<'a, K: AsRef<str>>(
         }
         write_str(k.as_ref(), out);
         out.push(b':');
-        write_value(v, out);
+        write(v, out);
     }
     out.push(b'}');
+}
+
+fn write_field_value(v: &FieldValue, out: &mut Vec<u8>) {
+    match v {
+        FieldValue::Str(s) => write_str(s, out),
+        FieldValue::Json(v) => write_value(v, out),
+    }
 }
 
 fn write_value(v: &Value, out: &mut Vec<u8>) {
@@ -196,7 +207,7 @@ fn write_value(v: &Value, out: &mut Vec<u8>) {
         Value::Number(n) => write_number(n, out),
         Value::String(s) => write_str(s, out),
         Value::Array(items) => write_array(items, out, write_value),
-        Value::Object(map) => write_object(map, out),
+        Value::Object(map) => write_object(map, out, write_value),
     }
 }
 

@@ -20,7 +20,7 @@ use prost::{
 };
 use serde_json::{Map, Number, Value};
 
-use super::Fields;
+use super::{Fields, fields::FieldValue};
 
 /// A `google.protobuf.Struct`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -58,15 +58,52 @@ fn delimited_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
+/// What the entries of a `Struct` hold: a nested map's `Value`s, or the
+/// top level's [`FieldValue`]s.
+trait StructValue {
+    /// Length of its `Value` message (the body).
+    fn message_len(&self) -> usize;
+    /// Encodes its `Value` message body.
+    fn encode_message(&self, buf: &mut impl BufMut);
+}
+
+impl StructValue for Value {
+    fn message_len(&self) -> usize {
+        value_len(self)
+    }
+
+    fn encode_message(&self, buf: &mut impl BufMut) {
+        encode_value(self, buf);
+    }
+}
+
+impl StructValue for FieldValue {
+    fn message_len(&self) -> usize {
+        match self {
+            FieldValue::Str(s) => delimited_len(VALUE_STRING, s.len()),
+            FieldValue::Json(v) => value_len(v),
+        }
+    }
+
+    fn encode_message(&self, buf: &mut impl BufMut) {
+        match self {
+            FieldValue::Str(s) => encode_string(s, buf),
+            FieldValue::Json(v) => encode_value(v, buf),
+        }
+    }
+}
+
 /// A JSON object's members: a nested `Map`, or the top level's [`Fields`].
-fn map_len<'a, K: AsRef<str>>(map: impl IntoIterator<Item = (K, &'a Value)>) -> usize {
+fn map_len<'a, K: AsRef<str>, V: StructValue + 'a>(
+    map: impl IntoIterator<Item = (K, &'a V)>,
+) -> usize {
     map.into_iter()
         .map(|(k, v)| delimited_len(STRUCT_FIELDS, entry_len(k.as_ref(), v)))
         .sum()
 }
 
-fn entry_len(key: &str, value: &Value) -> usize {
-    delimited_len(ENTRY_KEY, key.len()) + delimited_len(ENTRY_VALUE, value_len(value))
+fn entry_len(key: &str, value: &impl StructValue) -> usize {
+    delimited_len(ENTRY_KEY, key.len()) + delimited_len(ENTRY_VALUE, value.message_len())
 }
 
 fn list_len(items: &[Value]) -> usize {
@@ -88,8 +125,8 @@ fn value_len(value: &Value) -> usize {
     }
 }
 
-fn encode_map<'a, K: AsRef<str>>(
-    map: impl IntoIterator<Item = (K, &'a Value)>,
+fn encode_map<'a, K: AsRef<str>, V: StructValue + 'a>(
+    map: impl IntoIterator<Item = (K, &'a V)>,
     buf: &mut impl BufMut,
 ) {
     for (k, v) in map {
@@ -100,9 +137,15 @@ fn encode_map<'a, K: AsRef<str>>(
         encode_varint(k.len() as u64, buf);
         buf.put_slice(k.as_bytes());
         encode_key(ENTRY_VALUE, WireType::LengthDelimited, buf);
-        encode_varint(value_len(v) as u64, buf);
-        encode_value(v, buf);
+        encode_varint(v.message_len() as u64, buf);
+        v.encode_message(buf);
     }
+}
+
+fn encode_string(s: &str, buf: &mut impl BufMut) {
+    encode_key(VALUE_STRING, WireType::LengthDelimited, buf);
+    encode_varint(s.len() as u64, buf);
+    buf.put_slice(s.as_bytes());
 }
 
 /// Encodes a `Value` message body.
@@ -116,11 +159,7 @@ fn encode_value(value: &Value, buf: &mut impl BufMut) {
             encode_key(VALUE_NUMBER, WireType::SixtyFourBit, buf);
             buf.put_f64_le(n.as_f64().unwrap_or(f64::NAN));
         }
-        Value::String(s) => {
-            encode_key(VALUE_STRING, WireType::LengthDelimited, buf);
-            encode_varint(s.len() as u64, buf);
-            buf.put_slice(s.as_bytes());
-        }
+        Value::String(s) => encode_string(s, buf),
         Value::Bool(b) => {
             encode_key(VALUE_BOOL, WireType::Varint, buf);
             encode_varint(*b as u64, buf);
