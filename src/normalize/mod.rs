@@ -541,7 +541,8 @@ fn diff_properties(
     let mut changed = Vec::with_capacity(if is_new { properties.len() } else { 4 });
     if is_new {
         // Nothing to compare with: hash everything, sort once.
-        let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(properties.len());
+        let mut pairs = std::mem::take(&mut hash_order.pairs);
+        pairs.clear();
         for (name, value) in properties {
             let name_hash = hash::name_hash(name);
             let value_hash = hash::field_hash(value);
@@ -553,6 +554,7 @@ fn diff_properties(
             }
         }
         hash_order.sorted(&pairs, &mut state.property_hashes);
+        hash_order.pairs = pairs;
     } else {
         for (name, value) in properties {
             let name_hash = hash::name_hash(name);
@@ -581,6 +583,8 @@ struct HashOrder {
     /// Most recent first: a shape's name hashes in its key order, and the
     /// positions of its pairs in name-hash order, repeats left out.
     shapes: Vec<(Vec<u64>, Vec<usize>)>,
+    /// Scratch: a new object's (name hash, value hash) pairs.
+    pairs: Vec<(u64, u64)>,
 }
 
 /// Shapes a [`HashOrder`] remembers.
@@ -1063,6 +1067,34 @@ mod tests {
             json!([{"id": "a", "displayName": "A"}]),
         );
         assert_ne!(e1[0].event_id, e5[0].event_id);
+    }
+
+    /// The id is the UUIDv8 of the xxh3-128 of the documented bytes: ids
+    /// must not change between versions (a batch re-published after an
+    /// upgrade keeps its ids).
+    #[test]
+    fn event_ids_hash_the_documented_name() {
+        let c = ctx();
+        for len in [0, 1, 36, 91, 92, 93, 300] {
+            let object_id = "x".repeat(len);
+            let mut name = c.namespace.as_bytes().to_vec();
+            name.extend_from_slice(object_id.as_bytes());
+            name.push(0x1f);
+            name.extend_from_slice(&7u64.to_le_bytes());
+            name.push(ChangeType::Updated as u8);
+            name.push(1);
+            name.extend_from_slice(&0xfeed_u64.to_le_bytes());
+            let digest = xxhash_rust::xxh3::xxh3_128(&name).to_be_bytes();
+            let expected = uuid::Builder::from_custom_bytes(digest)
+                .into_uuid()
+                .hyphenated()
+                .to_string();
+            assert_eq!(
+                event_id(&c, &object_id, 7, ChangeType::Updated, true, 0xfeed),
+                expected,
+                "{len}"
+            );
+        }
     }
 
     #[test]
