@@ -22,8 +22,8 @@ use std::{fmt, ops::Index};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-/// A member's key, inline up to 24 bytes. Nearly every Graph property name
-/// is that short (`userPrincipalName` has 17 bytes); a few, such as
+/// A member's key, inline up to 24 bytes. Most Graph property names are
+/// that short (`userPrincipalName` has 17 bytes); a few, such as
 /// `signInSessionsValidFromDateTime`, are longer and allocated.
 pub type Key = compact_str::CompactString;
 
