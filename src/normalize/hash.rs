@@ -24,7 +24,7 @@ pub fn value_hash(value: &Value) -> Option<u64> {
     // seed keeps the types apart ("1" the string vs 1 the number).
     match value {
         Value::Null => None,
-        Value::String(s) => Some(xxh3_64_with_seed(s.as_bytes(), 1)),
+        Value::String(s) => Some(str_hash(s)),
         Value::Bool(b) => Some(xxh3_64_with_seed(&[*b as u8], 2)),
         Value::Number(n) => Some(xxh3_64_with_seed(&number_bytes(n), 3)),
         Value::Array(_) | Value::Object(_) => {
@@ -35,11 +35,16 @@ pub fn value_hash(value: &Value) -> Option<u64> {
     }
 }
 
+/// A string value's hash, however the string is held.
+fn str_hash(s: &str) -> u64 {
+    xxh3_64_with_seed(s.as_bytes(), 1)
+}
+
 /// [`value_hash`] of a parsed member's value (a string hashes as the
 /// same `Value::String` would).
 pub fn field_hash(value: &FieldValue) -> Option<u64> {
     match value {
-        FieldValue::Str(s) => Some(xxh3_64_with_seed(s.as_bytes(), 1)),
+        FieldValue::Str(s) => Some(str_hash(s)),
         FieldValue::Json(v) => value_hash(v),
     }
 }
