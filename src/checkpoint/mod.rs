@@ -80,33 +80,40 @@ use crate::{
 /// [`Sink::encoding`]: crate::sink::Sink::encoding
 pub struct OutboxRow {
     seq: u64,
-    /// The outbox record ([`outbox::frame`]); for a row read back from the
-    /// outbox, just its events.
-    frame: Bytes,
-    /// The events: the end of `frame`, shared, so that a sink can keep
-    /// them without a copy.
+    /// What the outbox record holds before the events ([`outbox::head`]);
+    /// empty for a row read back from the outbox.
+    head: Bytes,
+    /// The events, shared, so that a sink can keep them without a copy.
     events: Bytes,
     pub encoding: EventsEncoding,
     recorded: bool,
 }
 
 impl OutboxRow {
+    /// The row of a batch whose events are encoded here.
     pub fn encode(
         checkpoint: &StreamCheckpoint,
         writes: &StateWrites,
         events: &[ChangeEvent],
         encoding: EventsEncoding,
     ) -> OutboxRow {
+        let mut encoded = Vec::with_capacity(crate::sink::estimated_len(encoding, events));
+        crate::sink::encode_events_into(encoding, events, &mut encoded);
+        OutboxRow::encoded(checkpoint, writes, encoded, encoding)
+    }
+
+    /// The row of a batch whose events are already encoded in `encoding`.
+    pub fn encoded(
+        checkpoint: &StreamCheckpoint,
+        writes: &StateWrites,
+        events: Vec<u8>,
+        encoding: EventsEncoding,
+    ) -> OutboxRow {
         let record = encode_record(checkpoint, writes, encoding);
-        let hint = crate::sink::estimated_len(encoding, events);
-        let (frame, events_at) = outbox::frame(checkpoint.batch_seq, &record, hint, |buf| {
-            crate::sink::encode_events_into(encoding, events, buf)
-        });
-        let frame = Bytes::from(frame);
         OutboxRow {
             seq: checkpoint.batch_seq,
-            events: frame.slice(events_at..),
-            frame,
+            head: outbox::head(checkpoint.batch_seq, &record, &events).into(),
+            events: events.into(),
             encoding,
             recorded: false,
         }
@@ -114,11 +121,10 @@ impl OutboxRow {
 
     /// A row read back from the outbox ([`Store::outbox`]).
     pub fn recorded(pending: &mut PendingBatch) -> OutboxRow {
-        let frame = Bytes::from(std::mem::take(&mut pending.encoded));
         OutboxRow {
             seq: pending.checkpoint.batch_seq,
-            events: frame.clone(),
-            frame,
+            head: Bytes::new(),
+            events: std::mem::take(&mut pending.encoded).into(),
             encoding: pending.encoding,
             recorded: true,
         }
@@ -131,7 +137,7 @@ impl OutboxRow {
 
     /// Bytes held: the record and the events.
     pub fn size(&self) -> usize {
-        self.frame.len()
+        self.head.len() + self.events.len()
     }
 
     /// True once the row is in the outbox.
@@ -211,7 +217,7 @@ impl OutboxWriter {
             return Ok(());
         }
         lock(&self.0)
-            .append_framed(row.seq, &row.frame)
+            .append_framed(row.seq, &row.head, &row.events)
             .map_err(|(path, e)| io_error(path, "cannot write the outbox", &e))?;
         row.recorded = true;
         Ok(())
@@ -219,7 +225,7 @@ impl OutboxWriter {
 }
 
 /// The outbox log's lock; a panic elsewhere leaves the log usable (its
-/// writes are single `write` calls).
+/// writes are single `writev` calls).
 fn lock(log: &Mutex<outbox::OutboxLog>) -> std::sync::MutexGuard<'_, outbox::OutboxLog> {
     log.lock().unwrap_or_else(|p| p.into_inner())
 }

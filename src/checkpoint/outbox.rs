@@ -2,7 +2,7 @@
 //! sink and not yet committed, appended to segment files in
 //! `<stream>.outbox/` beside the stream's SQLite file.
 //!
-//! A record is appended with one `write` before its batch reaches the sink,
+//! A record is appended with one `writev` before its batch reaches the sink,
 //! and is never rewritten: a commit makes every record up to its batch
 //! obsolete, and segments holding only obsolete records are deleted. This
 //! is what a SQLite table did before, at a fraction of the cost (a page's
@@ -22,7 +22,7 @@
 use std::{
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
-    io::{self, Write},
+    io::{self, IoSlice, Write},
     path::{Path, PathBuf},
 };
 
@@ -118,7 +118,7 @@ impl OutboxLog {
         Ok(out)
     }
 
-    /// Frames and appends a record (see [`frame`]).
+    /// Frames and appends a record (see [`head`]).
     #[cfg(test)]
     pub fn append(
         &mut self,
@@ -126,16 +126,19 @@ impl OutboxLog {
         record: &[u8],
         events: &[u8],
     ) -> Result<(), (PathBuf, io::Error)> {
-        let (framed, _) = frame(seq, record, events.len(), |buf| {
-            buf.extend_from_slice(events)
-        });
-        self.append_framed(seq, &framed)
+        self.append_framed(seq, &head(seq, record, events), events)
     }
 
-    /// Appends a record built by [`frame`], with one write. On an error,
-    /// what was written of it is left behind in a segment that is never
-    /// appended to again. The error names the file.
-    pub fn append_framed(&mut self, seq: u64, framed: &[u8]) -> Result<(), (PathBuf, io::Error)> {
+    /// Appends a record: its [`head`] and its events, with one `writev`
+    /// (more only if the kernel writes part of it). On an error, what was
+    /// written of it is left behind in a segment that is never appended to
+    /// again. The error names the file.
+    pub fn append_framed(
+        &mut self,
+        seq: u64,
+        head: &[u8],
+        events: &[u8],
+    ) -> Result<(), (PathBuf, io::Error)> {
         if self.current.is_none()
             || self
                 .segments
@@ -145,7 +148,8 @@ impl OutboxLog {
             self.begin_segment()?;
         }
         let segment = self.segments.last_mut().expect("begun above");
-        let body = framed.len().saturating_sub(HEADER);
+        let size = head.len() + events.len();
+        let body = size.saturating_sub(HEADER);
         if u32::try_from(body).is_err() {
             return Err((
                 segment.path.clone(),
@@ -157,15 +161,15 @@ impl OutboxLog {
         }
         let file = self.current.as_mut().expect("begun above");
         if crate::failpoint::fire("mid_record") {
-            let _ = file.write_all(&framed[..framed.len() / 2]);
+            let _ = file.write_all(&[head, events].concat()[..size / 2]);
             crate::failpoint::crash("mid_record");
         }
-        if let Err(e) = file.write_all(framed) {
+        if let Err(e) = write_all_vectored(file, &mut [IoSlice::new(head), IoSlice::new(events)]) {
             self.current = None;
             return Err((segment.path.clone(), e));
         }
         segment.max_seq = segment.max_seq.max(seq);
-        segment.bytes += framed.len() as u64;
+        segment.bytes += size as u64;
         Ok(())
     }
 
@@ -220,32 +224,39 @@ impl OutboxLog {
     }
 }
 
-/// Builds an outbox record: `events` appends the batch's encoded events to
-/// the buffer, where they stay (the sink is handed them from there, so they
-/// are neither copied nor encoded twice). Returns the record and where in
-/// it the events begin. `events_hint` is room to reserve for the events:
-/// growing the buffer once they are written would copy the record and
-/// every event before (a quarter of a page's JSON cost, in a profile).
-pub fn frame(
-    seq: u64,
-    record: &[u8],
-    events_hint: usize,
-    events: impl FnOnce(&mut Vec<u8>),
-) -> (Vec<u8>, usize) {
-    let mut buf = Vec::with_capacity(HEADER + FIXED + record.len() + events_hint);
+/// The head of an outbox record: everything before its events, which
+/// follow it in the segment. The events stay in a buffer of their own (the
+/// normalizer writes a JSON sink's events there as it goes, and the sink is
+/// handed them from there), so they are neither copied nor encoded twice.
+pub fn head(seq: u64, record: &[u8], events: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER + FIXED + record.len());
     buf.extend_from_slice(&[0; HEADER]);
     buf.extend_from_slice(&seq.to_le_bytes());
     // Larger records are refused by `append_framed`.
     buf.extend_from_slice(&(record.len() as u32).to_le_bytes());
     buf.extend_from_slice(record);
-    let events_at = buf.len();
-    events(&mut buf);
-    let body = &buf[HEADER..];
-    let len = body.len() as u32;
-    let check = xxhash_rust::xxh3::xxh3_64(body);
+    let len = (buf.len() - HEADER + events.len()) as u32;
+    let mut check = xxhash_rust::xxh3::Xxh3Default::new();
+    check.update(&buf[HEADER..]);
+    check.update(events);
     buf[..4].copy_from_slice(&len.to_le_bytes());
-    buf[4..HEADER].copy_from_slice(&check.to_le_bytes());
-    (buf, events_at)
+    buf[4..HEADER].copy_from_slice(&check.digest().to_le_bytes());
+    buf
+}
+
+/// `write_all` for several buffers, in as few `writev`s as the kernel
+/// allows.
+fn write_all_vectored(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match file.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Calls `each(seq, record, events)` for the valid records of a segment, in
@@ -324,6 +335,10 @@ mod tests {
         assert_eq!(pending.keys().copied().collect::<Vec<_>>(), [2, 3]);
         assert_eq!(pending[&2], entry(2, 10));
         assert_eq!(pending[&3], again);
+        // A record without events (a batch that only changes the memory).
+        append(&mut log, &entry(4, 0));
+        let pending = OutboxLog::open(&out).unwrap().pending(3).unwrap();
+        assert_eq!(pending[&4], entry(4, 0));
     }
 
     /// A process killed mid-write leaves a torn record: it and anything

@@ -27,7 +27,7 @@ pub mod filter;
 pub mod hash;
 pub mod memory;
 
-use std::time::SystemTime;
+use std::{borrow::Cow, time::SystemTime};
 
 use pbjson_types::Timestamp;
 use serde_json::{Map, Value};
@@ -40,6 +40,7 @@ use crate::{
     proto::{
         Fields, JsonStruct,
         fields::FieldValue,
+        json::{ChangedNames, EventView, JsonWriter},
         v1::{ChangeEvent, ChangeType, MemberChange, MemberChangeType, ObjectState},
     },
 };
@@ -137,8 +138,49 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
 /// The events of a page and the memory changes that go with them.
 #[derive(Debug, Default)]
 pub struct Normalized {
+    /// The events, with [`EventsOut::Events`].
     pub events: Vec<ChangeEvent>,
+    /// The events as JSON lines, with [`EventsOut::JsonLines`].
+    pub json_lines: Vec<u8>,
+    /// How many events, in either form.
+    pub counts: EventCounts,
     pub writes: StateWrites,
+}
+
+/// The form in which [`normalize_page_as`] hands on a page's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventsOut {
+    /// Assembled as [`ChangeEvent`]s.
+    Events,
+    /// Written as JSON lines as they are made, never assembled: what the
+    /// file and stdout sinks write. A `ChangeEvent` is a struct of
+    /// `String`s; assembling one copied the tenant, stream, resource,
+    /// object type and id and every changed property's name (≈ 19
+    /// allocations for a created user) for a writer that only reads them.
+    JsonLines,
+}
+
+/// A batch's number of events, by change type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventCounts {
+    pub total: usize,
+    /// Indexed by `ChangeType`.
+    pub by_change: [u64; 6],
+}
+
+impl EventCounts {
+    pub fn of(events: &[ChangeEvent]) -> EventCounts {
+        let mut counts = EventCounts::default();
+        for e in events {
+            counts.add(e.change_type);
+        }
+        counts
+    }
+
+    fn add(&mut self, change_type: i32) {
+        self.total += 1;
+        self.by_change[change_type as usize % 6] += 1;
+    }
 }
 
 /// An object Graph sent that cannot be turned into an event. The page is
@@ -180,6 +222,17 @@ pub fn normalize_page(
     objects: Vec<Fields>,
     memory: &mut dyn MemoryView,
 ) -> Result<Normalized, NormalizeError> {
+    normalize_page_as(ctx, round, objects, memory, EventsOut::Events)
+}
+
+/// [`normalize_page`], its events handed on in the form `out` asks for.
+pub fn normalize_page_as(
+    ctx: &StreamContext,
+    round: &RoundContext,
+    objects: Vec<Fields>,
+    memory: &mut dyn MemoryView,
+    out: EventsOut,
+) -> Result<Normalized, NormalizeError> {
     // Each object's id, taken out of it once.
     let objects = objects
         .into_iter()
@@ -198,14 +251,22 @@ pub fn normalize_page(
         round,
         memory,
         hash_order: HashOrder::default(),
+        changed: Vec::new(),
+        form: out,
+        json: JsonWriter::default(),
+        objects_left: objects.len(),
         out: Normalized {
             // Nearly every object of a full round makes an event.
-            events: Vec::with_capacity(objects.len()),
-            writes: StateWrites::default(),
+            events: Vec::with_capacity(match out {
+                EventsOut::Events => objects.len(),
+                EventsOut::JsonLines => 0,
+            }),
+            ..Normalized::default()
         },
     };
     n.out.writes.objects.reserve(objects.len());
     for (id, object) in objects {
+        n.objects_left -= 1;
         n.object(id, object)?;
     }
     Ok(n.out)
@@ -217,6 +278,13 @@ struct Normalizer<'a> {
     memory: &'a mut dyn MemoryView,
     /// Sorts new objects' property hashes (see [`HashOrder`]).
     hash_order: HashOrder,
+    /// Scratch: the indices of an object's changed properties.
+    changed: Vec<u32>,
+    form: EventsOut,
+    /// Writes the events with [`EventsOut::JsonLines`].
+    json: JsonWriter,
+    /// Objects of the page after the current one.
+    objects_left: usize,
     out: Normalized,
 }
 
@@ -271,14 +339,14 @@ impl Normalizer<'_> {
         // for everything else the object is gone.
         let tombstone = remembered.as_ref().is_some_and(|p| p.hard_deleted);
         let previous = remembered.clone().filter(|p| !p.hard_deleted);
-        let object_type = sent_type
-            .or_else(|| {
-                remembered
-                    .as_ref()
-                    .map(|p| p.object_type.clone())
-                    .filter(|t| !t.is_empty())
-            })
-            .unwrap_or_else(|| self.ctx.default_object_type.clone());
+        let ctx = self.ctx;
+        let object_type: Cow<'_, str> = match sent_type {
+            Some(t) => Cow::Owned(t),
+            None => match remembered.as_ref().filter(|p| !p.object_type.is_empty()) {
+                Some(p) => Cow::Owned(p.object_type.clone()),
+                None => Cow::Borrowed(&ctx.default_object_type),
+            },
+        };
 
         if remembered.is_none() && !self.out.writes.objects.contains_key(&id) {
             self.out.writes.new_objects.insert(id.clone());
@@ -291,41 +359,36 @@ impl Normalizer<'_> {
             },
         };
         state.seen_round = self.round.round;
-        state.object_type = if object_type == self.ctx.default_object_type {
+        state.object_type = if object_type == ctx.default_object_type {
             String::new()
         } else {
-            object_type.clone()
+            object_type.clone().into_owned()
         };
 
         let mut content = hash::Mix::new(0);
-        let (change_type, changed) = match removed {
+        self.changed.clear();
+        let change_type = match removed {
             Removed::Deleted => {
                 self.out.writes.forget_group(&id);
                 state.hard_deleted = true;
                 state.soft_deleted = false;
                 state.property_hashes.clear();
                 // Deleted once already: a replay of that deletion.
-                ((!tombstone).then_some(ChangeType::HardDeleted), Vec::new())
+                (!tombstone).then_some(ChangeType::HardDeleted)
             }
             Removed::Changed => {
                 let replay = previous.as_ref().is_some_and(|p| p.soft_deleted);
                 state.soft_deleted = true;
-                (
-                    if replay {
-                        None
-                    } else {
-                        Some(ChangeType::SoftDeleted)
-                    },
-                    Vec::new(),
-                )
+                (!replay).then_some(ChangeType::SoftDeleted)
             }
             Removed::No => {
-                let changed = diff_properties(
+                diff_properties(
                     &object,
                     &mut state,
                     previous.is_none(),
                     &mut content,
                     &mut self.hash_order,
+                    &mut self.changed,
                 );
                 let kind = match &previous {
                     None => Some(ChangeType::Created),
@@ -333,7 +396,7 @@ impl Normalizer<'_> {
                     Some(_) => Some(ChangeType::Updated),
                 };
                 state.soft_deleted = false;
-                (kind, changed)
+                kind
             }
         };
 
@@ -352,7 +415,9 @@ impl Normalizer<'_> {
 
         let change_type = match change_type {
             Some(ChangeType::Updated)
-                if changed.is_empty() && member_changes.is_empty() && !self.round.resnapshot =>
+                if self.changed.is_empty()
+                    && member_changes.is_empty()
+                    && !self.round.resnapshot =>
             {
                 None
             }
@@ -368,20 +433,15 @@ impl Normalizer<'_> {
             }
             Some(change_type) => {
                 state.version += 1;
-                let version = state.version;
-                let properties = to_struct(object);
-                let event = self.event(EventParts {
-                    id: &id,
-                    object_type,
+                self.emit(
+                    &id,
+                    &object_type,
                     change_type,
-                    version,
-                    properties: Some(properties),
-                    changed_properties: changed,
+                    state.version,
+                    object,
                     member_changes,
-                    inferred: false,
-                    content: content.finish(),
-                });
-                self.out.events.push(event);
+                    content.finish(),
+                );
                 self.out.writes.objects.insert(id, Some(state));
             }
         }
@@ -431,8 +491,77 @@ impl Normalizer<'_> {
         }))
     }
 
-    fn event(&self, parts: EventParts<'_>) -> ChangeEvent {
-        build_event(self.ctx, self.round, parts)
+    /// Hands on the event of an object, in the form asked for.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        id: &str,
+        object_type: &str,
+        change_type: ChangeType,
+        version: u64,
+        properties: Fields,
+        member_changes: Vec<MemberChange>,
+        content: u64,
+    ) {
+        let (ctx, round) = (self.ctx, self.round);
+        self.out.counts.add(change_type as i32);
+        match self.form {
+            EventsOut::Events => {
+                let changed_properties = self
+                    .changed
+                    .iter()
+                    .map(|&i| properties.key_at(i as usize).to_owned())
+                    .collect();
+                let event = build_event(
+                    ctx,
+                    round,
+                    EventParts {
+                        id,
+                        object_type: object_type.to_owned(),
+                        change_type,
+                        version,
+                        properties: Some(to_struct(properties)),
+                        changed_properties,
+                        member_changes,
+                        inferred: false,
+                        content,
+                    },
+                );
+                self.out.events.push(event);
+            }
+            EventsOut::JsonLines => {
+                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                let event_id =
+                    event_id_text(ctx, id, version, change_type, false, content, &mut text);
+                let view = EventView {
+                    event_id,
+                    tenant_id: &ctx.tenant_id,
+                    stream: &ctx.stream,
+                    resource: &ctx.resource,
+                    object_type,
+                    object_id: id,
+                    change_type: change_type as i32,
+                    snapshot: round.snapshot,
+                    inferred: false,
+                    properties: Some(&properties),
+                    changed_properties: ChangedNames::Keys(&properties, &self.changed),
+                    member_changes: &member_changes,
+                    observed_at: Some(round.observed_at),
+                    object_version: version,
+                };
+                let buf = &mut self.out.json_lines;
+                let start = buf.len();
+                self.json.write(&view, buf);
+                buf.push(b'\n');
+                if start == 0 {
+                    // Room for the rest at the first one's size and a
+                    // quarter, rather than growing (and copying) the batch
+                    // several times.
+                    let first = buf.len();
+                    buf.reserve(self.objects_left * (first + first / 4));
+                }
+            }
+        }
     }
 }
 
@@ -482,6 +611,23 @@ pub fn event_id(
     inferred: bool,
     content: u64,
 ) -> String {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    event_id_text(
+        ctx, object_id, version, change, inferred, content, &mut text,
+    )
+    .to_owned()
+}
+
+/// [`event_id`], written into `text`.
+fn event_id_text<'t>(
+    ctx: &StreamContext,
+    object_id: &str,
+    version: u64,
+    change: ChangeType,
+    inferred: bool,
+    content: u64,
+    text: &'t mut [u8; uuid::fmt::Hyphenated::LENGTH],
+) -> &'t str {
     // namespace, id, separator, version, change, inferred, content.
     let mut name = Vec::with_capacity(16 + object_id.len() + 1 + 8 + 1 + 1 + 8);
     name.extend_from_slice(ctx.namespace.as_bytes());
@@ -492,12 +638,10 @@ pub fn event_id(
     name.push(inferred as u8);
     name.extend_from_slice(&content.to_le_bytes());
     let digest = xxhash_rust::xxh3::xxh3_128(&name).to_be_bytes();
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id: &str = uuid::Builder::from_custom_bytes(digest)
+    uuid::Builder::from_custom_bytes(digest)
         .into_uuid()
         .hyphenated()
-        .encode_lower(&mut text);
-    id.to_owned()
+        .encode_lower(text)
 }
 
 /// A key that is a property, not an annotation (`@odata.etag`,
@@ -529,24 +673,26 @@ fn has_at(bytes: &[u8]) -> bool {
 }
 
 /// Compares the properties with the remembered hashes, updating `state`;
-/// returns the names of changed properties, in key order (the order of
-/// `Fields`). For a new object every property present counts as changed.
+/// puts the indices of changed properties in `changed`, in key order (the
+/// order of `Fields`). For a new object every property present counts as
+/// changed.
 fn diff_properties(
     properties: &Fields,
     state: &mut ObjectState,
     is_new: bool,
     content: &mut hash::Mix,
     hash_order: &mut HashOrder,
-) -> Vec<String> {
-    let mut changed = Vec::with_capacity(if is_new { properties.len() } else { 4 });
+    changed: &mut Vec<u32>,
+) {
+    changed.clear();
     if is_new {
         // Nothing to compare with: hash everything, sort once.
         let mut pairs = std::mem::take(&mut hash_order.pairs);
         pairs.clear();
-        for (name, value) in properties {
+        for (i, (name, value)) in properties.iter().enumerate() {
             let name_hash = hash::name_hash(name);
             let value_hash = hash::field_hash(value);
-            changed.push(name.to_owned());
+            changed.push(i as u32);
             content.add(name_hash);
             content.add(value_hash.unwrap_or(0));
             if let Some(v) = value_hash {
@@ -556,20 +702,18 @@ fn diff_properties(
         hash_order.sorted(&pairs, &mut state.property_hashes);
         hash_order.pairs = pairs;
     } else {
-        for (name, value) in properties {
+        for (i, (name, value)) in properties.iter().enumerate() {
             let name_hash = hash::name_hash(name);
             let value_hash = hash::field_hash(value);
             let before = state.property_hash(name_hash);
             if before != value_hash {
-                changed.push(name.to_owned());
+                changed.push(i as u32);
                 content.add(name_hash);
                 content.add(value_hash.unwrap_or(0));
                 state.set_property_hash(name_hash, value_hash);
             }
         }
     }
-    debug_assert!(changed.is_sorted(), "`Fields` iterate in key order");
-    changed
 }
 
 /// Puts a new object's (name hash, value hash) pairs in name-hash order,
@@ -792,9 +936,35 @@ mod tests {
 
     fn run(ctx: &StreamContext, mem: &mut MapMemory, snapshot: bool, v: Value) -> Vec<ChangeEvent> {
         let round = RoundContext::now(1, snapshot);
-        let n = normalize_page(ctx, &round, page(v), mem).unwrap();
+        let n = normalize_both(ctx, &round, v, mem);
         mem.commit(&n.writes);
         n.events
+    }
+
+    /// Normalizes a page in both forms: the JSON lines written as the
+    /// events are made must be those of the assembled events, byte for
+    /// byte, with the same counts and memory changes. Returns the events.
+    fn normalize_both(
+        ctx: &StreamContext,
+        round: &RoundContext,
+        v: Value,
+        mem: &mut MapMemory,
+    ) -> Normalized {
+        let n = normalize_page(ctx, round, page(v.clone()), mem).unwrap();
+        let json = normalize_page_as(ctx, round, page(v), mem, EventsOut::JsonLines).unwrap();
+        assert!(json.events.is_empty());
+        assert_eq!(
+            String::from_utf8(json.json_lines).unwrap(),
+            String::from_utf8(crate::sink::encode_events(
+                crate::proto::v1::EventsEncoding::JsonLines,
+                &n.events
+            ))
+            .unwrap()
+        );
+        assert_eq!(json.counts.total, n.events.len());
+        assert_eq!(json.counts.by_change, EventCounts::of(&n.events).by_change);
+        assert_eq!(format!("{:?}", json.writes), format!("{:?}", n.writes));
+        n
     }
 
     fn kinds(events: &[ChangeEvent]) -> Vec<(String, ChangeType)> {
@@ -1109,7 +1279,7 @@ mod tests {
         );
         let mut round = RoundContext::now(2, true);
         round.resnapshot = true;
-        let n = normalize_page(&c, &round, super::tests::page(page), &mut m).unwrap();
+        let n = normalize_both(&c, &round, page, &mut m);
         assert_eq!(kinds(&n.events), vec![("g".into(), ChangeType::Updated)]);
         assert!(n.events[0].changed_properties.is_empty());
         assert_eq!(n.events[0].member_changes.len(), 1);

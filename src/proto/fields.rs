@@ -270,6 +270,11 @@ impl Fields {
         self.0.iter().map(|(k, _)| k.as_str())
     }
 
+    /// The key of the `i`-th member in key order.
+    pub fn key_at(&self, i: usize) -> &str {
+        &self.0[i].0
+    }
+
     /// As a `serde_json` map.
     pub fn into_map(self) -> Map<String, Value> {
         self.0

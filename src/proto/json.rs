@@ -36,16 +36,86 @@ pub struct JsonWriter {
     source_text: Vec<u8>,
 }
 
+/// An event as the JSON writer reads it: borrowed parts, so that an event
+/// can be written without being assembled into a [`ChangeEvent`] first
+/// (the normalizer writes the events of JSON sinks this way).
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub event_id: &'a str,
+    pub tenant_id: &'a str,
+    pub stream: &'a str,
+    pub resource: &'a str,
+    pub object_type: &'a str,
+    pub object_id: &'a str,
+    pub change_type: i32,
+    pub snapshot: bool,
+    pub inferred: bool,
+    pub properties: Option<&'a super::Fields>,
+    pub changed_properties: ChangedNames<'a>,
+    pub member_changes: &'a [MemberChange],
+    pub observed_at: Option<pbjson_types::Timestamp>,
+    pub object_version: u64,
+}
+
+/// The names of an event's changed properties.
+#[derive(Debug, Clone, Copy)]
+pub enum ChangedNames<'a> {
+    /// As a [`ChangeEvent`] holds them.
+    Names(&'a [String]),
+    /// The keys of these members of the event's properties, by index.
+    Keys(&'a super::Fields, &'a [u32]),
+}
+
+impl ChangedNames<'_> {
+    fn is_empty(&self) -> bool {
+        match self {
+            ChangedNames::Names(names) => names.is_empty(),
+            ChangedNames::Keys(_, at) => at.is_empty(),
+        }
+    }
+}
+
+impl<'a> From<&'a ChangeEvent> for EventView<'a> {
+    fn from(e: &'a ChangeEvent) -> Self {
+        EventView {
+            event_id: &e.event_id,
+            tenant_id: &e.tenant_id,
+            stream: &e.stream,
+            resource: &e.resource,
+            object_type: &e.object_type,
+            object_id: &e.object_id,
+            change_type: e.change_type,
+            snapshot: e.snapshot,
+            inferred: e.inferred,
+            properties: e.properties.as_ref().map(|p| &p.fields),
+            changed_properties: ChangedNames::Names(&e.changed_properties),
+            member_changes: &e.member_changes,
+            observed_at: e.observed_at,
+            object_version: e.object_version,
+        }
+    }
+}
+
 impl JsonWriter {
     /// Appends the event's canonical JSON (no trailing newline).
     pub fn write_event(&mut self, e: &ChangeEvent, out: &mut Vec<u8>) {
+        self.write(&EventView::from(e), out);
+    }
+
+    /// Appends the canonical JSON of the event `e` shows (no trailing
+    /// newline).
+    pub fn write(&mut self, e: &EventView<'_>, out: &mut Vec<u8>) {
         let mut w = Fields::new(out);
-        w.str_field(b"\"eventId\":", &e.event_id);
+        w.str_field(b"\"eventId\":", e.event_id);
         if self.source[0] != e.tenant_id
             || self.source[1] != e.stream
             || self.source[2] != e.resource
         {
-            self.source = [e.tenant_id.clone(), e.stream.clone(), e.resource.clone()];
+            self.source = [
+                e.tenant_id.to_owned(),
+                e.stream.to_owned(),
+                e.resource.to_owned(),
+            ];
             self.source_text.clear();
             let mut source = Fields {
                 out: &mut self.source_text,
@@ -53,9 +123,9 @@ impl JsonWriter {
                 // no event id came before.
                 first: false,
             };
-            source.str_field(b"\"tenantId\":", &e.tenant_id);
-            source.str_field(b"\"stream\":", &e.stream);
-            source.str_field(b"\"resource\":", &e.resource);
+            source.str_field(b"\"tenantId\":", e.tenant_id);
+            source.str_field(b"\"stream\":", e.stream);
+            source.str_field(b"\"resource\":", e.resource);
         }
         if !self.source_text.is_empty() {
             let text = if w.first {
@@ -66,8 +136,8 @@ impl JsonWriter {
             w.out.extend_from_slice(text);
             w.first = false;
         }
-        w.str_field(b"\"objectType\":", &e.object_type);
-        w.str_field(b"\"objectId\":", &e.object_id);
+        w.str_field(b"\"objectType\":", e.object_type);
+        w.str_field(b"\"objectId\":", e.object_id);
         if e.change_type != 0 {
             let name = ChangeType::try_from(e.change_type)
                 .map_or("CHANGE_TYPE_UNSPECIFIED", |c| c.as_str_name());
@@ -81,19 +151,26 @@ impl JsonWriter {
             w.key(b"\"inferred\":");
             w.out.extend_from_slice(b"true");
         }
-        if let Some(p) = &e.properties {
+        if let Some(p) = e.properties {
             w.key(b"\"properties\":");
-            write_object(&p.fields, w.out, write_field_value);
+            write_object(p, w.out, write_field_value);
         }
         if !e.changed_properties.is_empty() {
             w.key(b"\"changedProperties\":");
-            write_array(&e.changed_properties, w.out, |name, out| {
-                write_str(name, out)
-            });
+            match e.changed_properties {
+                ChangedNames::Names(names) => {
+                    write_array(names, w.out, |name, out| write_str(name, out));
+                }
+                ChangedNames::Keys(fields, at) => {
+                    write_array(at, w.out, |&i, out| {
+                        write_str(fields.key_at(i as usize), out)
+                    });
+                }
+            }
         }
         if !e.member_changes.is_empty() {
             w.key(b"\"memberChanges\":");
-            write_array(&e.member_changes, w.out, write_member_change);
+            write_array(e.member_changes, w.out, write_member_change);
         }
         if let Some(t) = &e.observed_at {
             w.key(b"\"observedAt\":");

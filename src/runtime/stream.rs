@@ -50,7 +50,7 @@ use crate::{
     graph::{GraphClient, GraphError, Page, client::FetchOptions},
     normalize::filter::WrittenFilter,
     normalize::{
-        self, NormalizeError, RoundContext, StreamContext,
+        self, EventCounts, EventsOut, NormalizeError, RoundContext, StreamContext,
         memory::{MemberKey, Overlay, StateWrites},
     },
     proto::v1::{ChangeEvent, ChangeType, EventsEncoding, Phase, StreamCheckpoint},
@@ -130,26 +130,6 @@ struct Batch {
     outbox: Option<OutboxRow>,
 }
 
-/// A batch's number of events, by change type.
-#[derive(Debug, Clone, Copy, Default)]
-struct EventCounts {
-    total: usize,
-    by_change: [u64; 6],
-}
-
-impl EventCounts {
-    fn of(events: &[ChangeEvent]) -> EventCounts {
-        let mut counts = EventCounts {
-            total: events.len(),
-            ..EventCounts::default()
-        };
-        for e in events {
-            counts.by_change[e.change_type as usize % 6] += 1;
-        }
-        counts
-    }
-}
-
 /// What the normalizer stage hands to the publishing loop, in page order.
 enum Ready {
     Batch(Box<Batch>),
@@ -206,9 +186,16 @@ impl NormalizeStage {
         let object_count = page.objects.len() as u64;
         let bytes = page.body_bytes;
         let mut overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
+        // A sink that writes only the JSON lines gets them written as the
+        // events are made, never assembled.
+        let form = if !self.keep_events && self.encoding == EventsEncoding::JsonLines {
+            EventsOut::JsonLines
+        } else {
+            EventsOut::Events
+        };
         let normalized = {
             let mut view = overlay.view(&self.store, &self.written);
-            normalize::normalize_page(&self.ctx, &round, page.objects, &mut view)
+            normalize::normalize_page_as(&self.ctx, &round, page.objects, &mut view, form)
         }
         .map_err(|source| match source {
             NormalizeError::Memory(source) => StreamError::Checkpoint {
@@ -251,10 +238,18 @@ impl NormalizeStage {
         // lost if a later batch's record outlived a crash and was committed
         // over them. Only a batch that changes nothing (an empty page) moves
         // just the checkpoint, which any later batch's checkpoint covers.
-        let outbox = (!normalized.events.is_empty() || !normalized.writes.is_empty()).then(|| {
-            OutboxRow::encode(next, &normalized.writes, &normalized.events, self.encoding)
+        let counts = normalized.counts;
+        let outbox = (counts.total > 0 || !normalized.writes.is_empty()).then(|| match form {
+            EventsOut::JsonLines => OutboxRow::encoded(
+                next,
+                &normalized.writes,
+                normalized.json_lines,
+                self.encoding,
+            ),
+            EventsOut::Events => {
+                OutboxRow::encode(next, &normalized.writes, &normalized.events, self.encoding)
+            }
         });
-        let counts = EventCounts::of(&normalized.events);
         // A sink that writes the encoding alone (file, stdout) never needs
         // the events again: they go here, on the thread that built them,
         // not after the sink's acknowledgement on the task that publishes
