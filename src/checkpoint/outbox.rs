@@ -126,7 +126,8 @@ impl OutboxLog {
         record: &[u8],
         events: &[u8],
     ) -> Result<(), (PathBuf, io::Error)> {
-        self.append_framed(seq, &head(seq, record, events), events)
+        let head = head(seq, |buf| buf.extend_from_slice(record), events);
+        self.append_framed(seq, &head, events)
     }
 
     /// Appends a record: its [`head`] and its events, with one `writev`
@@ -225,16 +226,20 @@ impl OutboxLog {
 }
 
 /// The head of an outbox record: everything before its events, which
-/// follow it in the segment. The events stay in a buffer of their own (the
-/// normalizer writes a JSON sink's events there as it goes, and the sink is
-/// handed them from there), so they are neither copied nor encoded twice.
-pub fn head(seq: u64, record: &[u8], events: &[u8]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER + FIXED + record.len());
+/// follow it in the segment. `record` appends the record to the buffer
+/// (encoded in place, not copied in). The events stay in a buffer of their
+/// own (the normalizer writes a JSON sink's events there as it goes, and
+/// the sink is handed them from there), so they are neither copied nor
+/// encoded twice.
+pub fn head(seq: u64, record: impl FnOnce(&mut Vec<u8>), events: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::new();
     buf.extend_from_slice(&[0; HEADER]);
     buf.extend_from_slice(&seq.to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    record(&mut buf);
     // Larger records are refused by `append_framed`.
-    buf.extend_from_slice(&(record.len() as u32).to_le_bytes());
-    buf.extend_from_slice(record);
+    let record_len = (buf.len() - HEADER - FIXED) as u32;
+    buf[HEADER + 8..HEADER + FIXED].copy_from_slice(&record_len.to_le_bytes());
     let len = (buf.len() - HEADER + events.len()) as u32;
     let mut check = xxhash_rust::xxh3::Xxh3Default::new();
     check.update(&buf[HEADER..]);
