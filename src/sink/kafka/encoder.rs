@@ -60,7 +60,9 @@ pub struct Record {
     pub key: String,
     /// `None`: a tombstone.
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(&'static str, String)>,
+    /// Values alike for many records (spec version, source, type, time,
+    /// content type) are shared, not made again for each.
+    pub headers: Vec<(&'static str, Arc<str>)>,
     /// Milliseconds since the epoch; `None`: the producer's clock.
     pub timestamp_ms: Option<i64>,
 }
@@ -145,8 +147,21 @@ impl Encoder {
         let encoded = batch
             .encoded
             .and_then(|blob| crate::sink::split_delimited(blob, batch.events.len()));
+        let mut shared = SharedHeaders::default();
+        // The last event's topic: a batch's events are one stream's.
+        let mut last: Option<(&ChangeEvent, Arc<str>)> = None;
         for (i, event) in batch.events.iter().enumerate() {
-            let topic = self.topic_for(event)?;
+            let topic = match &last {
+                Some((e, topic))
+                    if e.tenant_id == event.tenant_id
+                        && e.stream == event.stream
+                        && e.resource == event.resource =>
+                {
+                    topic.clone()
+                }
+                _ => self.topic_for(event)?,
+            };
+            last = Some((event, topic.clone()));
             let frame = match framing.get(&topic) {
                 Some(f) => f.clone(),
                 None => {
@@ -181,9 +196,9 @@ impl Encoder {
                     value
                 }
             };
-            let mut headers = cloudevents_headers(event);
+            let mut headers = shared.headers(event);
             if let Some(f) = frame {
-                headers.push(("ce_dataschema", f.schema_url));
+                headers.push(("ce_dataschema", f.schema_url.into()));
             }
             records.push(Record {
                 topic: topic.clone(),
@@ -207,29 +222,92 @@ impl Encoder {
 }
 
 /// The CloudEvents binary-mode headers of an event.
-pub fn cloudevents_headers(event: &ChangeEvent) -> Vec<(&'static str, String)> {
-    let mut headers = vec![
-        ("ce_specversion", "1.0".to_string()),
-        ("ce_id", event.event_id.clone()),
-        (
-            "ce_source",
-            cloudevents_source(&event.tenant_id, &event.stream),
-        ),
-        ("ce_type", event.cloudevents_type()),
-        ("ce_subject", event.object_id.clone()),
-    ];
-    if let Some(time) = event.observed_at.as_ref().and_then(|t| {
-        let nanos = u32::try_from(t.nanos).ok()?;
-        let secs = u64::try_from(t.seconds).ok()?;
-        SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
-    }) {
-        headers.push((
-            "ce_time",
-            humantime::format_rfc3339_millis(time).to_string(),
-        ));
+pub fn cloudevents_headers(event: &ChangeEvent) -> Vec<(&'static str, Arc<str>)> {
+    SharedHeaders::default().headers(event)
+}
+
+/// Makes the CloudEvents headers of a batch's events. What is alike for
+/// many of them (spec version, content type, and the last source, type and
+/// time) is made once and shared: formatting the source, type and time of
+/// every event cost ≈ 3k instructions an event (callgrind, Kafka sink).
+#[derive(Default)]
+struct SharedHeaders {
+    fixed: Option<(Arc<str>, Arc<str>)>,
+    /// (tenant, stream) and its source.
+    source: Option<(String, String, Arc<str>)>,
+    /// (object type, change type) and its event type.
+    kind: Option<(String, i32, Arc<str>)>,
+    /// `observedAt` (seconds, nanos) and its text (`None`: out of
+    /// range, no header).
+    time: Option<(i64, i32, Option<Arc<str>>)>,
+}
+
+impl SharedHeaders {
+    fn headers(&mut self, event: &ChangeEvent) -> Vec<(&'static str, Arc<str>)> {
+        let (spec, content_type) = self
+            .fixed
+            .get_or_insert_with(|| (Arc::from("1.0"), Arc::from(CONTENT_TYPE)))
+            .clone();
+        let source = match &self.source {
+            Some((tenant, stream, source))
+                if *tenant == event.tenant_id && *stream == event.stream =>
+            {
+                source.clone()
+            }
+            _ => {
+                let source: Arc<str> = cloudevents_source(&event.tenant_id, &event.stream).into();
+                self.source = Some((
+                    event.tenant_id.clone(),
+                    event.stream.clone(),
+                    source.clone(),
+                ));
+                source
+            }
+        };
+        let kind = match &self.kind {
+            Some((object_type, change, kind))
+                if *object_type == event.object_type && *change == event.change_type =>
+            {
+                kind.clone()
+            }
+            _ => {
+                let kind: Arc<str> = event.cloudevents_type().into();
+                self.kind = Some((event.object_type.clone(), event.change_type, kind.clone()));
+                kind
+            }
+        };
+        let mut headers = Vec::with_capacity(8);
+        headers.push(("ce_specversion", spec));
+        headers.push(("ce_id", Arc::from(event.event_id.as_str())));
+        headers.push(("ce_source", source));
+        headers.push(("ce_type", kind));
+        headers.push(("ce_subject", Arc::from(event.object_id.as_str())));
+        if let Some(t) = &event.observed_at {
+            let time = match &self.time {
+                Some((seconds, nanos, time)) if (*seconds, *nanos) == (t.seconds, t.nanos) => {
+                    time.clone()
+                }
+                _ => {
+                    let time = time_header(t.seconds, t.nanos);
+                    self.time = Some((t.seconds, t.nanos, time.clone()));
+                    time
+                }
+            };
+            if let Some(time) = time {
+                headers.push(("ce_time", time));
+            }
+        }
+        headers.push(("content-type", content_type));
+        headers
     }
-    headers.push(("content-type", CONTENT_TYPE.to_string()));
-    headers
+}
+
+/// `ce_time`: RFC 3339 in UTC, to the millisecond; `None` out of range.
+fn time_header(seconds: i64, nanos: i32) -> Option<Arc<str>> {
+    let nanos = u32::try_from(nanos).ok()?;
+    let secs = u64::try_from(seconds).ok()?;
+    let time = SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))?;
+    Some(humantime::format_rfc3339_millis(time).to_string().into())
 }
 
 /// `/graphdelta/<tenant>/<stream>`, each part percent-encoded as a path
@@ -256,10 +334,10 @@ pub fn checkpoint_record(topic: &Arc<str>, batch: &OutBatch<'_>) -> Record {
         key: batch.stream.to_string(),
         value: Some(value),
         headers: vec![
-            ("content-type", CONTENT_TYPE.to_string()),
+            ("content-type", CONTENT_TYPE.into()),
             (
                 "graphdelta_message",
-                "graphdelta.v1.CheckpointRecord".to_string(),
+                "graphdelta.v1.CheckpointRecord".into(),
             ),
         ],
         timestamp_ms: None,
@@ -362,7 +440,7 @@ mod tests {
         assert_eq!(r.timestamp_ms, Some(1_700_000_000_123));
         let decoded = ChangeEvent::decode(r.value.as_deref().unwrap()).unwrap();
         assert_eq!(decoded, events[0]);
-        let h: HashMap<_, _> = r.headers.iter().cloned().collect();
+        let h: HashMap<_, _> = r.headers.iter().map(|(k, v)| (*k, &**v)).collect();
         assert_eq!(h["ce_specversion"], "1.0");
         assert_eq!(h["ce_id"], "ev-a");
         assert_eq!(h["ce_source"], "/graphdelta/contoso.onmicrosoft.com/users");
@@ -376,8 +454,8 @@ mod tests {
                 .headers
                 .iter()
                 .find(|(k, _)| *k == "ce_type")
-                .unwrap()
-                .1,
+                .map(|(_, v)| &**v)
+                .unwrap(),
             "graphdelta.v1.user.hard_deleted"
         );
         assert_eq!(records[2].key, "b");
@@ -386,6 +464,77 @@ mod tests {
 
         let no_tombstones = Encoder::new(&config("tombstones = false")).unwrap();
         assert_eq!(no_tombstones.encode(&batch).await.unwrap().len(), 2);
+    }
+
+    /// Headers and topics shared within a batch are those each event
+    /// gets on its own, whichever of its parts changes from one event to
+    /// the next.
+    #[tokio::test]
+    async fn shared_headers_and_topics_are_each_events_own() {
+        let encoder = Encoder::new(&config("topic = \"t.{tenant}.{stream}.{resource}\"")).unwrap();
+        let base = event("a", ChangeType::Created);
+        let mut events = Vec::new();
+        for i in 0..24u32 {
+            let mut e = event(&format!("o{i}"), ChangeType::Created);
+            if i % 2 == 1 {
+                e.change_type = ChangeType::Updated as i32;
+            }
+            if i % 3 == 1 {
+                e.object_type = "microsoft.graph.group".into();
+            }
+            if i % 4 == 2 {
+                e.stream = "other".into();
+            }
+            if i % 5 == 3 {
+                e.tenant_id = "fabrikam".into();
+            }
+            if i % 6 == 4 {
+                e.resource = "groups".into();
+            }
+            if i % 7 == 5 {
+                e.observed_at.as_mut().unwrap().nanos += 1_000_000;
+            }
+            if i % 8 == 6 {
+                e.observed_at = None;
+            }
+            if i % 9 == 7 {
+                if let Some(t) = e.observed_at.as_mut() {
+                    t.seconds = -5;
+                }
+            }
+            events.push(e);
+        }
+        events.push(base);
+        let cp = StreamCheckpoint::default();
+        let batch = OutBatch {
+            stream: "users",
+            seq: 1,
+            event_count: events.len(),
+            events: &events,
+            checkpoint: &cp,
+            writes: &Default::default(),
+            encoded: None,
+        };
+        let records = encoder.encode(&batch).await.unwrap();
+        assert_eq!(records.len(), events.len());
+        for (r, e) in records.iter().zip(&events) {
+            assert_eq!(r.topic, encoder.topic_for(e).unwrap());
+            assert_eq!(r.headers, cloudevents_headers(e), "{}", e.object_id);
+            let h: HashMap<_, _> = r.headers.iter().map(|(k, v)| (*k, &**v)).collect();
+            assert_eq!(h["ce_id"], e.event_id);
+            assert_eq!(h["ce_subject"], e.object_id);
+            assert_eq!(h["ce_type"], e.cloudevents_type());
+            assert_eq!(h["ce_source"], cloudevents_source(&e.tenant_id, &e.stream));
+            let t = e.observed_at.filter(|t| t.seconds >= 0);
+            assert_eq!(
+                h.get("ce_time").copied(),
+                t.map(|t| humantime::format_rfc3339_millis(
+                    SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32)
+                )
+                .to_string())
+                    .as_deref()
+            );
+        }
     }
 
     #[test]

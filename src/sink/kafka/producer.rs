@@ -275,7 +275,7 @@ fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
         for (k, v) in &record.headers {
             headers = headers.insert(Header {
                 key: k,
-                value: Some(v.as_str()),
+                value: Some(&**v),
             });
         }
         r = r.headers(headers);
