@@ -353,6 +353,22 @@ mod tests {
         toml::from_str(&format!("brokers = \"k:9092\"\n{extra}")).unwrap()
     }
 
+    /// A batch of `events`, not encoded beforehand.
+    fn batch_of<'a>(events: &'a [ChangeEvent], cp: &'a StreamCheckpoint) -> OutBatch<'a> {
+        OutBatch {
+            stream: "users",
+            seq: 1,
+            event_count: events.len(),
+            events,
+            checkpoint: cp,
+            writes: &EMPTY_WRITES,
+            encoded: None,
+        }
+    }
+
+    static EMPTY_WRITES: std::sync::LazyLock<crate::normalize::memory::StateWrites> =
+        std::sync::LazyLock::new(Default::default);
+
     fn event(id: &str, change: ChangeType) -> ChangeEvent {
         ChangeEvent {
             event_id: format!("ev-{id}"),
@@ -423,15 +439,7 @@ mod tests {
             event("b", ChangeType::HardDeleted),
         ];
         let cp = StreamCheckpoint::default();
-        let batch = OutBatch {
-            stream: "users",
-            seq: 1,
-            event_count: events.len(),
-            events: &events,
-            checkpoint: &cp,
-            writes: &Default::default(),
-            encoded: None,
-        };
+        let batch = batch_of(&events, &cp);
         let records = encoder.encode(&batch).await.unwrap();
         assert_eq!(records.len(), 3, "two events and one tombstone");
         let r = &records[0];
@@ -506,15 +514,7 @@ mod tests {
         }
         events.push(base);
         let cp = StreamCheckpoint::default();
-        let batch = OutBatch {
-            stream: "users",
-            seq: 1,
-            event_count: events.len(),
-            events: &events,
-            checkpoint: &cp,
-            writes: &Default::default(),
-            encoded: None,
-        };
+        let batch = batch_of(&events, &cp);
         let records = encoder.encode(&batch).await.unwrap();
         assert_eq!(records.len(), events.len());
         for (r, e) in records.iter().zip(&events) {
