@@ -18,10 +18,14 @@
 //! `<relationship>@delta` entry becomes a [`MemberChange`]; an added member
 //! the memory already has is a replay and is not reported again.
 //!
-//! Event ids are UUIDv5 of (object id, per-object version, change type,
-//! content hash) under a namespace per tenant and stream: re-normalizing the
-//! same page from the same committed memory, as after a crash, yields the
-//! same ids.
+//! Event ids are UUIDv8 holding the xxh3-128 of (a namespace per tenant and
+//! stream, object id, per-object version, change type, content hash)
+//! ([`event_id`]): re-normalizing the same page from the same committed
+//! memory, as after a crash, yields the same ids.
+//!
+//! A page's events are handed on as [`ChangeEvent`]s, or, for sinks that
+//! write only their JSON lines, written as JSON while they are made
+//! ([`EventsOut`]).
 
 pub mod filter;
 pub mod hash;
