@@ -534,11 +534,9 @@ impl Normalizer<'_> {
                 self.out.events.push(event);
             }
             EventsOut::JsonLines => {
-                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-                let event_id =
-                    event_id_text(ctx, id, version, change_type, false, content, &mut text);
+                let event_id = event_id(ctx, id, version, change_type, false, content);
                 let view = EventView {
-                    event_id,
+                    event_id: event_id.as_str(),
                     tenant_id: &ctx.tenant_id,
                     stream: &ctx.stream,
                     resource: &ctx.resource,
@@ -586,7 +584,9 @@ pub struct EventParts<'a> {
 /// Assembles a [`ChangeEvent`] with its deterministic id.
 pub fn build_event(ctx: &StreamContext, round: &RoundContext, p: EventParts<'_>) -> ChangeEvent {
     ChangeEvent {
-        event_id: event_id(ctx, p.id, p.version, p.change_type, p.inferred, p.content),
+        event_id: event_id(ctx, p.id, p.version, p.change_type, p.inferred, p.content)
+            .as_str()
+            .to_owned(),
         tenant_id: ctx.tenant_id.clone(),
         stream: ctx.stream.clone(),
         resource: ctx.resource.clone(),
@@ -614,24 +614,7 @@ pub fn event_id(
     change: ChangeType,
     inferred: bool,
     content: u64,
-) -> String {
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    event_id_text(
-        ctx, object_id, version, change, inferred, content, &mut text,
-    )
-    .to_owned()
-}
-
-/// [`event_id`], written into `text`.
-fn event_id_text<'t>(
-    ctx: &StreamContext,
-    object_id: &str,
-    version: u64,
-    change: ChangeType,
-    inferred: bool,
-    content: u64,
-    text: &'t mut [u8; uuid::fmt::Hyphenated::LENGTH],
-) -> &'t str {
+) -> EventId {
     // namespace, id, separator, version, change, inferred, content.
     let mut name = Vec::with_capacity(16 + object_id.len() + 1 + 8 + 1 + 1 + 8);
     name.extend_from_slice(ctx.namespace.as_bytes());
@@ -642,10 +625,23 @@ fn event_id_text<'t>(
     name.push(inferred as u8);
     name.extend_from_slice(&content.to_le_bytes());
     let digest = xxhash_rust::xxh3::xxh3_128(&name).to_be_bytes();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
     uuid::Builder::from_custom_bytes(digest)
         .into_uuid()
         .hyphenated()
-        .encode_lower(text)
+        .encode_lower(&mut text);
+    EventId(text)
+}
+
+/// An event id's text, held without an allocation (an event written as
+/// JSON straight away needs no `String` of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventId([u8; uuid::fmt::Hyphenated::LENGTH]);
+
+impl EventId {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("a hyphenated UUID is ASCII")
+    }
 }
 
 /// A key that is a property, not an annotation (`@odata.etag`,
@@ -1264,7 +1260,7 @@ mod tests {
                 .hyphenated()
                 .to_string();
             assert_eq!(
-                event_id(&c, &object_id, 7, ChangeType::Updated, true, 0xfeed),
+                event_id(&c, &object_id, 7, ChangeType::Updated, true, 0xfeed).as_str(),
                 expected,
                 "{len}"
             );

@@ -447,6 +447,7 @@ mod tests {
     /// not: the bytes prost's general writers give.
     #[test]
     fn keys_and_lengths_are_written_as_prost_writes_them() {
+        use prost::encoding::bytes;
         fn reference(value: &Value, buf: &mut Vec<u8>) {
             match value {
                 Value::Null => {
@@ -467,33 +468,27 @@ mod tests {
                     for (k, v) in m {
                         let mut entry = Vec::new();
                         string::encode(ENTRY_KEY, k, &mut entry);
-                        let mut inner = Vec::new();
-                        reference(v, &mut inner);
-                        encode_key(ENTRY_VALUE, WireType::LengthDelimited, &mut entry);
-                        encode_varint(inner.len() as u64, &mut entry);
-                        entry.extend_from_slice(&inner);
+                        delimited(ENTRY_VALUE, v, &mut entry);
                         encode_key(STRUCT_FIELDS, WireType::LengthDelimited, &mut body);
                         encode_varint(entry.len() as u64, &mut body);
                         body.extend_from_slice(&entry);
                     }
-                    encode_key(VALUE_STRUCT, WireType::LengthDelimited, buf);
-                    encode_varint(body.len() as u64, buf);
-                    buf.extend_from_slice(&body);
+                    bytes::encode(VALUE_STRUCT, &body, buf);
                 }
                 Value::Array(a) => {
                     let mut body = Vec::new();
                     for v in a {
-                        let mut inner = Vec::new();
-                        reference(v, &mut inner);
-                        encode_key(LIST_VALUES, WireType::LengthDelimited, &mut body);
-                        encode_varint(inner.len() as u64, &mut body);
-                        body.extend_from_slice(&inner);
+                        delimited(LIST_VALUES, v, &mut body);
                     }
-                    encode_key(VALUE_LIST, WireType::LengthDelimited, buf);
-                    encode_varint(body.len() as u64, buf);
-                    buf.extend_from_slice(&body);
+                    bytes::encode(VALUE_LIST, &body, buf);
                 }
             }
+        }
+        /// A `Value` message as field `tag`.
+        fn delimited(tag: u32, value: &Value, buf: &mut Vec<u8>) {
+            let mut inner = Vec::new();
+            reference(value, &mut inner);
+            bytes::encode(tag, &inner, buf);
         }
         let long = "x".repeat(200);
         let value = json!({
