@@ -57,31 +57,36 @@ impl Layer {
     }
 
     /// The block of `hash` (its high bits scaled to the layer by a
-    /// multiply: Lemire's fast range) and its bit in each of the block's
-    /// words (six bits each of the hash times an odd constant, which mixes
-    /// every bit of the hash into them).
-    fn place(&self, hash: u64) -> (usize, [u64; 8]) {
+    /// multiply: Lemire's fast range), and the bits to set or test: six
+    /// bits for each of the block's words, from the hash times an odd
+    /// constant (which mixes every bit of the hash into them).
+    fn place(&self, hash: u64) -> (usize, u64) {
         let block = ((u128::from(hash) * self.blocks.len() as u128) >> 64) as usize;
-        let mixed = hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16;
-        (
-            block,
-            std::array::from_fn(|i| 1 << ((mixed >> (6 * i)) & 63)),
-        )
+        (block, hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16)
+    }
+
+    /// The bit of word `i` for `bits` from [`Layer::place`].
+    fn bit(bits: u64, i: usize) -> u64 {
+        1 << ((bits >> (6 * i)) & 63)
     }
 
     fn insert(&mut self, hash: u64) {
         let (block, bits) = self.place(hash);
-        let words = &mut self.blocks[block].0;
-        for (word, bit) in words.iter_mut().zip(bits) {
-            *word |= bit;
+        for (i, word) in self.blocks[block].0.iter_mut().enumerate() {
+            *word |= Self::bit(bits, i);
         }
         self.count += 1;
     }
 
+    /// Stops at the first bit not set: in a layer that is not full, for
+    /// most keys it never saw, the first.
     fn may_contain(&self, hash: u64) -> bool {
         let (block, bits) = self.place(hash);
         let words = &self.blocks[block].0;
-        words.iter().zip(bits).all(|(word, bit)| word & bit != 0)
+        words
+            .iter()
+            .enumerate()
+            .all(|(i, word)| word & Self::bit(bits, i) != 0)
     }
 
     fn bytes(&self) -> usize {
