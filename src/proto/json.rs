@@ -9,7 +9,10 @@
 //! field layout.
 //! Tests check that pbjson reads back exactly the event that was written.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::{
+    ops::Range,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use serde_json::Value;
 
@@ -34,6 +37,10 @@ pub struct JsonWriter {
     /// members' text (each with its leading comma; empty ones omitted).
     source: [String; 3],
     source_text: Vec<u8>,
+    /// Where the last event's property names lie in the output, quoted and
+    /// escaped: its changed names are copied from there (a created user
+    /// lists all 13 again), not checked for escapes a second time.
+    key_spans: Vec<Range<usize>>,
 }
 
 /// An event as the JSON writer reads it: borrowed parts, so that an event
@@ -151,15 +158,36 @@ impl JsonWriter {
             w.key(b"\"inferred\":");
             w.out.extend_from_slice(b"true");
         }
+        self.key_spans.clear();
         if let Some(p) = e.properties {
             w.key(b"\"properties\":");
-            write_object(p, w.out, write_field_value);
+            w.out.push(b'{');
+            for (i, (k, v)) in p.iter().enumerate() {
+                if i > 0 {
+                    w.out.push(b',');
+                }
+                let start = w.out.len();
+                write_str(k, w.out);
+                self.key_spans.push(start..w.out.len());
+                w.out.push(b':');
+                write_field_value(v, w.out);
+            }
+            w.out.push(b'}');
         }
         if !e.changed_properties.is_empty() {
             w.key(b"\"changedProperties\":");
             match e.changed_properties {
                 ChangedNames::Names(names) => {
                     write_array(names, w.out, |name, out| write_str(name, out));
+                }
+                // The keys of the properties just written: copied.
+                ChangedNames::Keys(fields, at)
+                    if e.properties.is_some_and(|p| std::ptr::eq(p, fields)) =>
+                {
+                    let spans = &self.key_spans;
+                    write_array(at, w.out, |&i, out| {
+                        out.extend_from_within(spans[i as usize].clone())
+                    });
                 }
                 ChangedNames::Keys(fields, at) => {
                     write_array(at, w.out, |&i, out| {
@@ -436,6 +464,52 @@ mod tests {
 
     use super::*;
     use crate::proto::JsonStruct;
+
+    /// Changed names given as the properties' keys are copied from where
+    /// the keys were written: the same text as names given one by one,
+    /// escapes included, in the order asked for; keys of other fields are
+    /// written afresh.
+    #[test]
+    fn changed_keys_are_copied_as_written() {
+        let props: crate::proto::Fields = json!({
+            "a\"quote": 1, "accountEnabled": true, "b\\slash": "x",
+            "displayName": "Ada", "tab\tkey": null, "é": [1], "z": {"k\n": 2}
+        })
+        .as_object()
+        .unwrap()
+        .clone()
+        .into();
+        let other: crate::proto::Fields = json!({"a\"quote": 1, "q": 2, "r": 3})
+            .as_object()
+            .unwrap()
+            .clone()
+            .into();
+        let e = event(json!({}));
+        let mut writer = JsonWriter::default();
+        for (keys_of, at) in [
+            (&props, vec![0u32, 2, 4, 5, 6]),
+            (&props, vec![6, 1, 0]),
+            (&props, vec![3]),
+            (&other, vec![2, 0]),
+        ] {
+            let names: Vec<String> = at
+                .iter()
+                .map(|&i| keys_of.key_at(i as usize).to_string())
+                .collect();
+            let mut view = EventView::from(&e);
+            view.properties = Some(&props);
+            view.changed_properties = ChangedNames::Names(&names);
+            let mut expected = Vec::new();
+            JsonWriter::default().write(&view, &mut expected);
+            view.changed_properties = ChangedNames::Keys(keys_of, &at);
+            let mut got = Vec::new();
+            writer.write(&view, &mut got);
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+    }
 
     fn event(props: Value) -> ChangeEvent {
         ChangeEvent {
