@@ -161,18 +161,8 @@ impl JsonWriter {
         self.key_spans.clear();
         if let Some(p) = e.properties {
             w.key(b"\"properties\":");
-            w.out.push(b'{');
-            for (i, (k, v)) in p.iter().enumerate() {
-                if i > 0 {
-                    w.out.push(b',');
-                }
-                let start = w.out.len();
-                write_str(k, w.out);
-                self.key_spans.push(start..w.out.len());
-                w.out.push(b':');
-                write_field_value(v, w.out);
-            }
-            w.out.push(b'}');
+            let spans = &mut self.key_spans;
+            write_object_noting_keys(p, w.out, write_field_value, |key| spans.push(key));
         }
         if !e.changed_properties.is_empty() {
             w.key(b"\"changedProperties\":");
@@ -285,12 +275,25 @@ fn write_object<'a, K: AsRef<str>, V: 'a + ?Sized>(
     out: &mut Vec<u8>,
     write: fn(&V, &mut Vec<u8>),
 ) {
+    write_object_noting_keys(map, out, write, |_| {});
+}
+
+/// [`write_object`], telling `noted` where each key's text (quoted and
+/// escaped) lies in `out`, in the map's order.
+fn write_object_noting_keys<'a, K: AsRef<str>, V: 'a + ?Sized>(
+    map: impl IntoIterator<Item = (K, &'a V)>,
+    out: &mut Vec<u8>,
+    write: fn(&V, &mut Vec<u8>),
+    mut noted: impl FnMut(Range<usize>),
+) {
     out.push(b'{');
     for (i, (k, v)) in map.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
+        let start = out.len();
         write_str(k.as_ref(), out);
+        noted(start..out.len());
         out.push(b':');
         write(v, out);
     }
