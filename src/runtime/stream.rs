@@ -140,13 +140,11 @@ enum Ready {
 }
 
 /// Normalization on a blocking thread: pages in, batches out, memory
-/// changes recorded in the shared overlay until they are committed, and
-/// each batch in the outbox before it is handed on.
+/// changes recorded in the shared overlay until they are committed.
 struct NormalizeStage {
     ctx: StreamContext,
     /// A read-only connection to the stream's store.
     store: Store,
-    outbox: OutboxWriter,
     overlay: Arc<std::sync::Mutex<Overlay>>,
     /// The checkpoint after the last normalized page.
     next: StreamCheckpoint,
@@ -232,8 +230,8 @@ impl NormalizeStage {
         }
         overlay.apply(next.batch_seq, &normalized.writes);
         drop(overlay);
-        // Encoded and recorded here, off the task that publishes and
-        // commits, before the sink can see the batch. A batch without events
+        // Encoded here, off the task that publishes and commits; recorded
+        // there, just before the sink sees the batch. A batch without events
         // still needs its record when it changes the memory: a full round's
         // pages mostly re-list known objects, and their "seen" marks (which
         // the reconciliation after the round relies on) would otherwise be
@@ -259,23 +257,6 @@ impl NormalizeStage {
         let mut events = normalized.events;
         if !self.keep_events && outbox.is_some() {
             events = Vec::new();
-        }
-        // On this thread, which may block: on the publishing task the
-        // write had to be wrapped in `block_in_place`, which hands the
-        // runtime's other work to another thread for every page. 100k
-        // users, five runs each, alternating: 784-824 → 752-785 ms of CPU,
-        // 5.9-6.2k → 5.1-5.5k context switches; peak RSS 47-53 → 43-49 MiB
-        // (twelve runs each); no wall-time change beyond the noise. A batch
-        // recorded but never published (the stream stopped first) is
-        // published after a restart, like any batch the outbox holds.
-        let mut outbox = outbox;
-        if let Some(row) = &mut outbox {
-            self.outbox
-                .put(row)
-                .map_err(|source| StreamError::Checkpoint {
-                    stream: self.stream.clone(),
-                    source,
-                })?;
         }
         Ok(Batch {
             seq: next.batch_seq,
@@ -708,24 +689,18 @@ impl StreamRunner {
         let Some(row) = &mut batch.outbox else {
             return Ok(());
         };
-        if row.is_recorded() {
-            return Ok(());
-        }
-        let writer = self.outbox_writer()?;
+        let writer = match &self.outbox {
+            Some(writer) => writer,
+            None => {
+                let writer = self
+                    .store()
+                    .outbox_writer()
+                    .map_err(|e| self.store_err(e))?;
+                self.outbox.insert(writer)
+            }
+        };
         let written = tokio::task::block_in_place(|| writer.put(row));
         written.map_err(|e| self.store_err(e))
-    }
-
-    /// The stream's outbox, opened on first use.
-    fn outbox_writer(&mut self) -> Result<OutboxWriter, StreamError> {
-        if self.outbox.is_none() {
-            let writer = self
-                .store()
-                .outbox_writer()
-                .map_err(|e| self.store_err(e))?;
-            self.outbox = Some(writer);
-        }
-        Ok(self.outbox.clone().expect("opened above"))
     }
 
     /// Publishes and commits, in order and unchanged, the batches the
@@ -852,7 +827,6 @@ impl StreamRunner {
             written: WrittenFilter::new(no_objects, no_members),
             ctx: self.ctx.clone(),
             store: reader,
-            outbox: self.outbox_writer()?,
             overlay: overlay.clone(),
             next: self.committed.clone(),
             snapshot,
