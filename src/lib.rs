@@ -42,6 +42,7 @@
 //!   and hand them over through a compacted state topic holding each
 //!   stream's checkpoint and memory.
 
+pub mod background;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;

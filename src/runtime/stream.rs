@@ -331,57 +331,6 @@ struct Committing {
     done: tokio::task::JoinHandle<Result<(), CheckpointError>>,
 }
 
-/// How much lower than the stream's own the CPU priority of a background
-/// commit is (a nice value 10 higher: a CPU-bound commit gets about a tenth
-/// of the share of a busy thread beside it). A commit can wait: it never
-/// holds up an acknowledgement, and what waits for it is bounded
-/// (`MAX_STAGED_OBJECTS`). What it yields to is the path from Graph to the
-/// sink, and whatever else the machine runs (in `bench`, the simulator that
-/// serves the pages, which had waited for a core). A 100k-user sync, six
-/// runs each, alternating: 0.60-0.64 s against 0.64-0.73 s; 1M users: no
-/// clear change (7.6-7.9 s against 7.6-7.7 s, three and two runs).
-const BACKGROUND_NICE: libc::c_int = 10;
-
-/// Runs `f` on a thread of its own at a lower CPU priority
-/// ([`BACKGROUND_NICE`]) and waits for it; a panic in `f` is resumed here.
-/// On Linux a nice value belongs to a thread: the caller's own (a pooled
-/// thread that other work reuses) is left as it is, since an unprivileged
-/// process can raise it but never lower it back. If no thread can be
-/// started, `f` runs here.
-fn in_background<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    let mut f = Some(f);
-    let ran = std::thread::scope(|scope| {
-        let started = std::thread::Builder::new()
-            .name("graphdelta-commit".into())
-            .spawn_scoped(scope, || {
-                lower_priority();
-                (f.take().expect("taken once"))()
-            });
-        started.ok().map(|t| t.join())
-    });
-    match ran {
-        Some(Ok(value)) => value,
-        Some(Err(panic)) => std::panic::resume_unwind(panic),
-        None => (f.take().expect("not taken: no thread started"))(),
-    }
-}
-
-/// Raises this thread's nice value by [`BACKGROUND_NICE`] (a hint: failing
-/// is harmless).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain system calls on this thread's own id; no memory is
-    // passed.
-    unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        *libc::__errno_location() = 0;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        if now != -1 || *libc::__errno_location() == 0 {
-            libc::setpriority(libc::PRIO_PROCESS, tid, (now + BACKGROUND_NICE).min(19));
-        }
-    }
-}
-
 /// Resolves when the running commit is done (never if none is).
 async fn commit_done(
     committing: &mut Option<Committing>,
@@ -1145,7 +1094,10 @@ impl StreamRunner {
         let cp = checkpoint.clone();
         // The writes are dropped there too, off the loop.
         let done = tokio::task::spawn_blocking(move || {
-            in_background(move || {
+            // At a lower priority (`crate::background`): a 100k-user sync,
+            // six runs each, alternating: 0.60-0.64 s against 0.64-0.73 s;
+            // 1M users: no clear change (7.6-7.9 s against 7.6-7.7 s).
+            crate::background::in_background("graphdelta-commit", move || {
                 store
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -1459,32 +1411,6 @@ async fn fetch_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[cfg(target_os = "linux")]
-    fn nice_of_this_thread() -> libc::c_int {
-        // SAFETY: a plain system call on this thread's own id.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-    }
-
-    #[test]
-    fn background_work_runs_on_its_own_thread_at_a_lower_priority() {
-        let caller = std::thread::current().id();
-        let (value, other_thread) = in_background(|| (7, std::thread::current().id() != caller));
-        assert_eq!(value, 7);
-        assert!(other_thread);
-        #[cfg(target_os = "linux")]
-        {
-            let before = nice_of_this_thread();
-            let inside = in_background(nice_of_this_thread);
-            assert_eq!(inside, (before + BACKGROUND_NICE).min(19));
-            // The caller's own priority is left as it was.
-            assert_eq!(nice_of_this_thread(), before);
-        }
-        // A panic there is a panic here.
-        let panicked = std::panic::catch_unwind(|| in_background(|| panic!("in the commit")));
-        let message = panicked.unwrap_err();
-        assert_eq!(message.downcast_ref::<&str>(), Some(&"in the commit"));
-    }
 
     #[test]
     fn event_counts_count_every_change_type() {
