@@ -57,7 +57,7 @@ mod tests {
     use super::*;
 
     #[cfg(target_os = "linux")]
-    pub(crate) fn nice_of_this_thread() -> libc::c_int {
+    fn nice_of_this_thread() -> libc::c_int {
         // SAFETY: a plain system call on this thread's own id.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
     }

@@ -507,9 +507,10 @@ impl Store {
             .conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(|e| store.err(e))?;
-        store
-            .checkpoint_in_background(WAL_CHECKPOINT_BYTES / page_size.max(512))
-            .map_err(|e| store.err(e))?;
+        if let Err(e) = store.checkpoint_in_background(WAL_CHECKPOINT_BYTES / page_size.max(512)) {
+            // SQLite's own checkpoints (`wal_autocheckpoint`) stay.
+            tracing::warn!(path = %path.display(), error = %e, "Cannot checkpoint the store's WAL on a thread of its own; SQLite checkpoints it in the commits instead.");
+        }
         let count = |table: &str| {
             store
                 .conn
@@ -685,7 +686,8 @@ impl Store {
 
     /// Checkpoints the WAL on a thread of its own ([`Checkpointer`]) once a
     /// commit leaves `every` pages in it, instead of SQLite's checkpoints
-    /// in the commit. If the thread cannot start, SQLite's stay.
+    /// in the commit. If the thread cannot start (or this fails), SQLite's
+    /// stay.
     fn checkpoint_in_background(&mut self, every: i64) -> rusqlite::Result<()> {
         self.stop_checkpointer();
         let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
