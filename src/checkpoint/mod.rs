@@ -1005,8 +1005,11 @@ impl Store {
             // `objects` (`stale_objects`, `stale_members` read only it).
             if recent >= self.merge_rows || (recent > 0 && checkpoint.phase() == Phase::Reconcile) {
                 // In key order: each leaf of `objects_by_key` is visited once.
+                // `OR FAIL`, as the inserts above: no statement journal (at
+                // 1M users it copied each merge's ≈ 14 MB of index leaves to
+                // a temporary file first; `perf`: 1.2% of the samples).
                 tx.execute_batch(
-                    "INSERT INTO objects (key, id, seen_round, state)
+                    "INSERT OR FAIL INTO objects (key, id, seen_round, state)
                          SELECT key, id, seen_round, state FROM recent ORDER BY key;
                      DELETE FROM recent;",
                 )?;
