@@ -29,6 +29,8 @@ pub const CHECKPOINT_AGE: &str = "graphdelta_checkpoint_age_seconds";
 pub const OBJECTS_REMEMBERED: &str = "graphdelta_objects_remembered";
 /// Stream errors that ended a round, by `stream` and `kind`.
 pub const STREAM_ERRORS: &str = "graphdelta_stream_errors_total";
+/// Checkpoint commits the stream had to wait for, by `stream`.
+pub const COMMIT_WAITS: &str = "graphdelta_commit_waits_total";
 
 /// Registers descriptions with the installed recorder (if any).
 pub fn describe() {
@@ -71,4 +73,8 @@ pub fn describe() {
         "Objects remembered in the checkpoint store."
     );
     describe_counter!(STREAM_ERRORS, "Errors that ended a stream's round.");
+    describe_counter!(
+        COMMIT_WAITS,
+        "Checkpoint commits the stream stopped for: the checkpoint store was slower than Graph and the sink."
+    );
 }
