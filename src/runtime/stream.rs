@@ -392,10 +392,10 @@ struct CommitPriority {
     own: u32,
 }
 
-/// 100k users beside two busy loops, medians of three: 3.23 s with every
-/// commit at the lower priority, 2.45-2.74 s with 1 at its own after a
-/// wait, 2.10-2.12 with 4, 1.90-1.91 with 16; 1M users: 49.0 → 21.7 s.
-/// Alone, six alternating runs each, no difference (medians 1.10 s).
+/// 100k users beside two busy loops: 3.23-3.37 s with every commit at the
+/// lower priority, 2.45-2.74 s with 1 at its own after a wait, 2.10-2.12 s
+/// with 4, 1.88-1.94 s with 16 (two to five runs each); 1M users: 49.0 →
+/// 21.7 s. Alone, six alternating runs each, no difference (medians 1.10 s).
 const COMMITS_AT_OWN_PRIORITY: u32 = 16;
 
 impl CommitPriority {
