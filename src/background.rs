@@ -11,10 +11,10 @@
 //! only the connector's own threads. Beside other busy processes a commit
 //! at +10 starved, and the stream stopped for it once what is staged for
 //! the next one was full; so a commit that kept the stream waiting is
-//! followed by some at the stream's own priority (`CommitPriority` in the
-//! runtime). Checkpoints stay lower: when they starve, the WAL grows and
-//! nothing waits (a 1M-user sync beside two busy loops: at most 180 MB of
-//! WAL, against 72 MB alone).
+//! followed by some at the stream's own priority ([`Yielding`]). So is a
+//! WAL checkpoint that found the WAL several checkpoints' worth long: when
+//! they starved, nothing waited, but the WAL grew (a 1M-user sync beside
+//! two busy loops: up to 180 MB, against 72 MB alone).
 
 /// How much higher than the caller's the nice value of background work is
 /// (a CPU-bound thread at +10 gets about a tenth of the share of a busy
@@ -46,6 +46,41 @@ pub enum Priority {
     Lower,
     /// The caller's.
     Same,
+}
+
+/// The priority of work that can wait until it falls behind: lower, but
+/// after it fell behind (a commit the stream stopped for, a WAL past
+/// several checkpoints' worth) the same as the caller's for the next
+/// `window` runs. A nice value counts against every process on the
+/// machine: beside other busy processes, work at +10 gets a tenth of a core
+/// and falls further behind, run after run.
+#[derive(Debug)]
+pub struct Yielding {
+    window: u32,
+    /// Runs still to go at the caller's priority.
+    own: u32,
+}
+
+impl Yielding {
+    pub fn new(window: u32) -> Self {
+        Yielding { window, own: 0 }
+    }
+
+    /// The priority of the next run.
+    pub fn next_run(&mut self) -> Priority {
+        if self.own > 0 {
+            self.own -= 1;
+            Priority::Same
+        } else {
+            Priority::Lower
+        }
+    }
+
+    /// The work fell behind: the next `window` runs at the caller's
+    /// priority.
+    pub fn fell_behind(&mut self) {
+        self.own = self.window;
+    }
 }
 
 /// Runs `f` on a thread of its own at `priority` and waits for it; a
@@ -80,6 +115,38 @@ mod tests {
     fn nice_of_this_thread() -> libc::c_int {
         // SAFETY: a plain system call on this thread's own id.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn work_that_fell_behind_runs_at_the_callers_priority_for_a_while() {
+        let mut p = Yielding::new(3);
+        assert_eq!(
+            [p.next_run(), p.next_run()],
+            [Priority::Lower, Priority::Lower]
+        );
+        p.fell_behind();
+        assert_eq!(
+            [p.next_run(), p.next_run(), p.next_run(), p.next_run()],
+            [
+                Priority::Same,
+                Priority::Same,
+                Priority::Same,
+                Priority::Lower
+            ]
+        );
+        // Falling behind again on the way starts the count again.
+        p.fell_behind();
+        assert_eq!(p.next_run(), Priority::Same);
+        p.fell_behind();
+        assert_eq!(
+            [p.next_run(), p.next_run(), p.next_run(), p.next_run()],
+            [
+                Priority::Same,
+                Priority::Same,
+                Priority::Same,
+                Priority::Lower
+            ]
+        );
     }
 
     #[test]

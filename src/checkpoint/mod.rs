@@ -270,9 +270,18 @@ struct Checkpointer {
     /// WAL pages after a commit that ask for a checkpoint.
     #[cfg_attr(not(test), allow(dead_code))]
     every: i64,
-    /// Checkpoints run.
+    /// Checkpoints run, and those at the writer's own priority.
     #[cfg_attr(not(test), allow(dead_code))]
     runs: Arc<std::sync::atomic::AtomicU64>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    own_runs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What a commit that left `in_wal` pages in the WAL asks the
+/// checkpointer for: nothing, a checkpoint (`every` pages), or one that is
+/// behind ([`WAL_BEHIND`]).
+fn wal_request(in_wal: std::os::raw::c_int, every: std::os::raw::c_int) -> Option<bool> {
+    (in_wal >= every).then_some(in_wal / every >= WAL_BEHIND)
 }
 
 /// No `Option<F>` of a closure type to name when a hook is removed.
@@ -314,6 +323,13 @@ impl std::fmt::Debug for Store {
 const WAL_CHECKPOINT_BYTES: i64 = 40_000 << 10;
 /// Page size of a new store (see `Store::init`).
 const PAGE_SIZE: i64 = 16 << 10;
+/// A WAL this many checkpoints' worth long (120 MiB) shows the
+/// checkpoints falling behind (starved at their lower priority beside
+/// other busy processes: a 1M-user sync beside two busy loops grew it to
+/// 180 MB, against 72 MB alone); the next [`WAL_BEHIND_OWN_PRIORITY`] run
+/// at the writer's own priority ([`crate::background::Yielding`]).
+const WAL_BEHIND: i32 = 3;
+const WAL_BEHIND_OWN_PRIORITY: u32 = 4;
 /// Bytes of WAL file kept after a checkpoint.
 const WAL_KEPT_BYTES: i64 = 64 << 20;
 
@@ -695,16 +711,37 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", WAL_KEPT_BYTES)?;
         // A checkpoint copies frames page by page, past the page cache.
         conn.pragma_update(None, "cache_size", -64)?;
-        let (ask, asked) = std::sync::mpsc::sync_channel::<()>(1);
+        // Whether the WAL was `WAL_BEHIND` checkpoints' worth long.
+        let (ask, asked) = std::sync::mpsc::sync_channel::<bool>(1);
         let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (counted, path) = (runs.clone(), self.path.clone());
+        let own_runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (counted, counted_own, path) = (runs.clone(), own_runs.clone(), self.path.clone());
         let started = std::thread::Builder::new()
             .name("graphdelta-wal".into())
             .spawn(move || {
-                crate::background::lower_priority();
+                let mut conn = conn;
+                let mut priority = crate::background::Yielding::new(WAL_BEHIND_OWN_PRIORITY);
                 // Ends when the writer removes its hook (the last sender).
-                while asked.recv().is_ok() {
-                    let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                while let Ok(behind) = asked.recv() {
+                    if behind {
+                        priority.fell_behind();
+                    }
+                    // Each on a thread of its own: one at the lower priority
+                    // cannot be raised back (`crate::background`).
+                    let next = priority.next_run();
+                    if next == crate::background::Priority::Same {
+                        counted_own.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let done;
+                    (conn, done) = crate::background::on_own_thread(
+                        "graphdelta-wal",
+                        next,
+                        move || {
+                            let done =
+                                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                            (conn, done)
+                        },
+                    );
                     counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = done {
                         tracing::warn!(path = %path.display(), error = %e, "Copying the store's WAL into its database failed; tried again after a later commit.");
@@ -718,9 +755,9 @@ impl Store {
         // Replaces SQLite's own checkpoints (`wal_autocheckpoint`).
         self.conn
             .wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, in_wal| {
-                if in_wal >= pages {
+                if let Some(behind) = wal_request(in_wal, pages) {
                     // Full: one is asked for already.
-                    let _ = ask.try_send(());
+                    let _ = ask.try_send(behind);
                 }
                 Ok(())
             }))?;
@@ -728,6 +765,7 @@ impl Store {
             thread,
             every,
             runs,
+            own_runs,
         });
         Ok(())
     }
@@ -1678,10 +1716,17 @@ mod tests {
     /// copied into the database and removed.
     #[test]
     fn the_wal_is_checkpointed_on_a_thread_of_its_own() {
+        assert_eq!(
+            [23, 24, 71, 72, 1000].map(|pages| wal_request(pages, 24)),
+            [None, Some(false), Some(false), Some(true), Some(true)]
+        );
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), "users").unwrap();
         s.checkpoint_in_background(24).unwrap();
-        let runs = s.checkpointer.as_ref().unwrap().runs.clone();
+        let (runs, own_runs) = {
+            let c = s.checkpointer.as_ref().unwrap();
+            (c.runs.clone(), c.own_runs.clone())
+        };
         let runs = || runs.load(std::sync::atomic::Ordering::Relaxed);
         let cp = StreamCheckpoint::default();
         let mut w = StateWrites::default();
@@ -1701,6 +1746,9 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "no checkpoint ran");
             std::thread::sleep(Duration::from_millis(5));
         }
+        // That commit left far more than three checkpoints' worth: the
+        // checkpointer was behind, and ran at the writer's priority.
+        assert_eq!(own_runs.load(std::sync::atomic::Ordering::Relaxed), 1);
         // Everything was copied: a checkpoint now finds nothing left.
         let (busy, log, copied): (i64, i64, i64) = s
             .conn

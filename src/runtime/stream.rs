@@ -375,45 +375,21 @@ pub struct StreamRunner {
     /// The last committed checkpoint.
     committed: StreamCheckpoint,
     host: String,
-    commit_priority: CommitPriority,
+    commit_priority: crate::background::Yielding,
 }
 
-/// The CPU priority of background commits. They run at a lower one
-/// ([`crate::background`]), so that they yield the cores to fetching and
-/// parsing, unless one kept the stream waiting: then the next
-/// [`COMMITS_AT_OWN_PRIORITY`] run at the stream's own. A nice value counts
-/// against every process on the machine, not only the stream's threads:
-/// with other work keeping the cores busy (a build, a broker beside it), a
-/// commit at nice +10 got a tenth of a core and the stream stopped for it,
-/// commit after commit.
-#[derive(Default)]
-struct CommitPriority {
-    /// Commits still to run at the stream's own priority.
-    own: u32,
-}
-
+/// Background commits run at a lower priority ([`crate::background`]),
+/// so that they yield the cores to fetching and parsing, unless one kept
+/// the stream waiting: then the next [`COMMITS_AT_OWN_PRIORITY`] run at the
+/// stream's own. A nice value counts against every process on the
+/// machine, not only the stream's threads: with other work keeping the
+/// cores busy (a build, a broker beside it), a commit at nice +10 got a
+/// tenth of a core and the stream stopped for it, commit after commit.
 /// 100k users beside two busy loops: 3.23-3.37 s with every commit at the
 /// lower priority, 2.45-2.74 s with 1 at its own after a wait, 2.10-2.12 s
 /// with 4, 1.88-1.94 s with 16 (two to five runs each); 1M users: 49.0 →
 /// 21.7 s. Alone, six alternating runs each, no difference (medians 1.10 s).
 const COMMITS_AT_OWN_PRIORITY: u32 = 16;
-
-impl CommitPriority {
-    /// The priority of the next commit.
-    fn next(&mut self) -> crate::background::Priority {
-        if self.own > 0 {
-            self.own -= 1;
-            crate::background::Priority::Same
-        } else {
-            crate::background::Priority::Lower
-        }
-    }
-
-    /// The last commit kept the stream waiting.
-    fn waited(&mut self) {
-        self.own = COMMITS_AT_OWN_PRIORITY;
-    }
-}
 
 impl StreamRunner {
     pub fn new(
@@ -439,7 +415,7 @@ impl StreamRunner {
             shutdown,
             committed: StreamCheckpoint::default(),
             host,
-            commit_priority: CommitPriority::default(),
+            commit_priority: crate::background::Yielding::new(COMMITS_AT_OWN_PRIORITY),
         }
     }
 
@@ -937,7 +913,7 @@ impl StreamRunner {
                     let c = committing.take().expect("a commit is running");
                     if staged.is_full() {
                         // The stream could take no batch while it ran.
-                        self.commit_priority.waited();
+                        self.commit_priority.fell_behind();
                         metrics::counter!(m::COMMIT_WAITS, "stream" => self.name().to_string()).increment(1);
                     }
                     self.committed_in_background(c, done, staged, overlay)?;
@@ -1137,10 +1113,10 @@ impl StreamRunner {
         let store = self.store.clone();
         let cp = checkpoint.clone();
         // At a lower priority (`crate::background`) unless a commit kept the
-        // stream waiting lately (`CommitPriority`). Lower: a 100k-user sync,
+        // stream waiting lately (`COMMITS_AT_OWN_PRIORITY`). Lower: a 100k-user sync,
         // six runs each, alternating: 0.60-0.64 s against 0.64-0.73 s; 1M
         // users: no clear change (7.6-7.9 s against 7.6-7.7 s).
-        let priority = self.commit_priority.next();
+        let priority = self.commit_priority.next_run();
         // The writes are dropped there too, off the loop.
         let done = tokio::task::spawn_blocking(move || {
             crate::background::on_own_thread("graphdelta-commit", priority, move || {
@@ -1457,26 +1433,6 @@ async fn fetch_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn commits_run_at_the_streams_own_priority_for_a_while_after_one_kept_it_waiting() {
-        use crate::background::Priority::{Lower, Same};
-        let mut p = CommitPriority::default();
-        assert_eq!([p.next(), p.next()], [Lower, Lower]);
-        p.waited();
-        for _ in 0..COMMITS_AT_OWN_PRIORITY {
-            assert_eq!(p.next(), Same);
-        }
-        assert_eq!(p.next(), Lower);
-        // Another wait on the way starts the count again.
-        p.waited();
-        assert_eq!(p.next(), Same);
-        p.waited();
-        for _ in 0..COMMITS_AT_OWN_PRIORITY {
-            assert_eq!(p.next(), Same);
-        }
-        assert_eq!(p.next(), Lower);
-    }
 
     #[test]
     fn event_counts_count_every_change_type() {
