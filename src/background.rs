@@ -119,34 +119,17 @@ mod tests {
 
     #[test]
     fn work_that_fell_behind_runs_at_the_callers_priority_for_a_while() {
+        use Priority::{Lower, Same};
+        let runs = |p: &mut Yielding, n: usize| (0..n).map(|_| p.next_run()).collect::<Vec<_>>();
         let mut p = Yielding::new(3);
-        assert_eq!(
-            [p.next_run(), p.next_run()],
-            [Priority::Lower, Priority::Lower]
-        );
+        assert_eq!(runs(&mut p, 2), [Lower, Lower]);
         p.fell_behind();
-        assert_eq!(
-            [p.next_run(), p.next_run(), p.next_run(), p.next_run()],
-            [
-                Priority::Same,
-                Priority::Same,
-                Priority::Same,
-                Priority::Lower
-            ]
-        );
+        assert_eq!(runs(&mut p, 4), [Same, Same, Same, Lower]);
         // Falling behind again on the way starts the count again.
         p.fell_behind();
-        assert_eq!(p.next_run(), Priority::Same);
+        assert_eq!(runs(&mut p, 1), [Same]);
         p.fell_behind();
-        assert_eq!(
-            [p.next_run(), p.next_run(), p.next_run(), p.next_run()],
-            [
-                Priority::Same,
-                Priority::Same,
-                Priority::Same,
-                Priority::Lower
-            ]
-        );
+        assert_eq!(runs(&mut p, 4), [Same, Same, Same, Lower]);
     }
 
     #[test]
