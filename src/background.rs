@@ -25,7 +25,7 @@ pub const BACKGROUND_NICE: libc::c_int = 10;
 /// A hint: failing is harmless. On Linux a nice value belongs to a thread;
 /// an unprivileged process can raise it but never lower it back, so only
 /// threads that do nothing else call this.
-pub fn lower_priority() {
+fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: plain system calls on this thread's own id; no memory is
     // passed.
@@ -48,12 +48,10 @@ pub enum Priority {
     Same,
 }
 
-/// The priority of work that can wait until it falls behind: lower, but
-/// after it fell behind (a commit the stream stopped for, a WAL past
-/// several checkpoints' worth) the same as the caller's for the next
-/// `window` runs. A nice value counts against every process on the
-/// machine: beside other busy processes, work at +10 gets a tenth of a core
-/// and falls further behind, run after run.
+/// The priority of work that can wait until it falls behind (module
+/// docs): lower, but after it fell behind (a commit the stream stopped
+/// for, a WAL past several checkpoints' worth) the same as the caller's
+/// for the next `window` runs.
 #[derive(Debug)]
 pub struct Yielding {
     window: u32,

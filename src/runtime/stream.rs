@@ -378,13 +378,9 @@ pub struct StreamRunner {
     commit_priority: crate::background::Yielding,
 }
 
-/// Background commits run at a lower priority ([`crate::background`]),
-/// so that they yield the cores to fetching and parsing, unless one kept
-/// the stream waiting: then the next [`COMMITS_AT_OWN_PRIORITY`] run at the
-/// stream's own. A nice value counts against every process on the
-/// machine, not only the stream's threads: with other work keeping the
-/// cores busy (a build, a broker beside it), a commit at nice +10 got a
-/// tenth of a core and the stream stopped for it, commit after commit.
+/// Background commits run at a lower priority, so that they yield the
+/// cores to fetching and parsing, unless one kept the stream waiting: then
+/// this many run at the stream's own ([`crate::background::Yielding`]).
 /// 100k users beside two busy loops: 3.23-3.37 s with every commit at the
 /// lower priority, 2.45-2.74 s with 1 at its own after a wait, 2.10-2.12 s
 /// with 4, 1.88-1.94 s with 16 (two to five runs each); 1M users: 49.0 →
