@@ -243,6 +243,120 @@ async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
     handle.shutdown().await;
 }
 
+/// A commit that the disk holds up keeps the stream waiting once the next
+/// commit's batches are staged: the stream counts the wait
+/// (`graphdelta_commit_waits_total`; the same wait puts the next commits at
+/// the stream's own priority, whose rule `background`'s tests check), and
+/// loses nothing. The store's write lock, taken by another connection for
+/// a second, stands in for a slow disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_held_up_by_the_disk_is_counted_as_a_wait() {
+    let simulator = Simulator::new(SimConfig {
+        users: 40_000,
+        groups: 0,
+        applications: 0,
+        devices: 0,
+        page_size: 200,
+        page_latency: Duration::from_millis(10),
+        ..SimConfig::default()
+    });
+    let handle = simulator
+        .clone()
+        .spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let config = dir.path().join("connector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[graph]
+base_url = "{base}"
+token_url = "{token}"
+tenant_id = "contoso.onmicrosoft.com"
+client_id = "graphdelta-simulator"
+client_secret_env = "{SECRET_ENV}"
+
+[[streams]]
+name = "users"
+resource = "users"
+poll_interval = "1h"
+
+[sink]
+type = "file"
+path = "events.ndjson"
+
+[checkpoint]
+path = "state"
+
+[http]
+listen = "127.0.0.1:{port}"
+"#,
+            base = handle.base_url(),
+            token = handle.token_url(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = spawn(&config, &log, false);
+    let base = format!("http://127.0.0.1:{port}");
+    let pages = async || -> Option<u64> {
+        let (_, body) = common::get(&format!("{base}/status")).await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["streams"].as_array()?.first()?["pages"].as_u64()
+    };
+    common::poll("the round under way", Duration::from_secs(30), async || {
+        pages().await.filter(|p| *p >= 3)
+    })
+    .await;
+    let store = graphdelta::checkpoint::store_path(&dir.path().join("state"), "users");
+    let held = rusqlite::Connection::open(&store).unwrap();
+    held.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // A slow disk, not a wait for a condition: the commit under way stays
+    // blocked (its busy timeout is 5 s) while the stream stages the next
+    // 2,500 objects (13 pages, 10 ms each) and stops.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    held.execute_batch("COMMIT").unwrap();
+    drop(held);
+    let waits = common::poll("the wait counted", Duration::from_secs(30), async || {
+        let (_, metrics) = common::get(&format!("{base}/metrics")).await?;
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("graphdelta_commit_waits_total{stream=\"users\"}"))?;
+        line.rsplit(' ')
+            .next()?
+            .parse::<u64>()
+            .ok()
+            .filter(|w| *w >= 1)
+    })
+    .await;
+    assert!(waits >= 1);
+    common::poll("the round finished", Duration::from_secs(60), async || {
+        let (_, body) = common::get(&format!("{base}/status")).await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (v["streams"].as_array()?.first()?["rounds_completed"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    let events = read_events(&dir.path().join("events.ndjson"));
+    let ids: std::collections::HashSet<&str> =
+        events.iter().map(|e| e.object_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        40_000,
+        "objects lost while the commit was held up"
+    );
+    handle.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reports_a_sink_outage_and_recovers() {
     let (_admin, _channel) = rabbitmq_util::admin().await; // fails loudly without a broker

@@ -11,13 +11,26 @@
 //!
 //! Record: `len: u32 LE | check: u64 LE | seq: u64 LE | record_len: u32 LE |
 //! record | events`, where `len` counts what follows `check` and `check` is
-//! its xxh3-64. A process killed mid-write leaves a torn last record, which
-//! fails its length or check and ends the segment's valid part; appends
-//! never follow it, because a segment whose write failed is closed and each
-//! process appends to segments of its own (numbered after every existing
-//! one). Durability is the WAL's in `synchronous = NORMAL`: a record
-//! survives the process (kill -9) at any instant, not a power loss, which
-//! can also roll the checkpoint back.
+//! its xxh3-64 XOR the segment's mark (below). A process killed mid-write
+//! leaves a torn last record, which fails its length or check and ends the
+//! segment's valid part; appends never follow it, because a segment whose
+//! write failed is closed and each process appends to segments of its own
+//! (numbered after every existing one). Durability is the WAL's in
+//! `synchronous = NORMAL`: a record survives the process (kill -9) at any
+//! instant, not a power loss, which can also roll the checkpoint back.
+//!
+//! Segments are recycled: one that holds only committed batches is kept as
+//! a spare (up to [`SPARES`]), renamed to the next segment's number when one
+//! is begun, and overwritten from its start. Overwriting pages the file
+//! already has costs the kernel less than appending to a new file and
+//! deleting it: writing 1.2 GB in 300 kB records through 8 MiB segments
+//! took 0.40-0.50 system CPU-s appending and 0.13-0.18 recycling (three
+//! runs each). A recycled segment still holds its earlier records after
+//! the ones written since; they must not read as valid. So each segment
+//! file (`<number>.seg`) marks its checks with its own number: an earlier
+//! record, marked with the number the file had then, fails its check and
+//! ends the valid part like a torn one. Segments of versions before
+//! recycling (`<number>.log`, unmarked) are read, never recycled.
 
 use std::{
     collections::BTreeMap,
@@ -28,6 +41,10 @@ use std::{
 
 /// A new segment is begun once the current one is this large.
 const SEGMENT_BYTES: u64 = 8 << 20;
+/// Segments kept for reuse once all they hold is committed. A commit
+/// covers a few MB of records (2,500 objects), so two segments or three
+/// are in use at a time, and two spares are enough to never create one.
+const SPARES: usize = 2;
 /// `len` and `check`.
 const HEADER: usize = 12;
 /// `seq` and `record_len`.
@@ -44,6 +61,8 @@ pub struct Entry {
 struct Segment {
     number: u64,
     path: PathBuf,
+    /// XORed into each record's check: see the module docs.
+    mark: u64,
     /// Highest batch recorded in it (0: none).
     max_seq: u64,
     bytes: u64,
@@ -55,6 +74,28 @@ pub struct OutboxLog {
     /// Oldest first; appends go to the last one while `current` is open.
     segments: Vec<Segment>,
     current: Option<File>,
+    /// Segments holding only committed batches, to be overwritten.
+    spares: Vec<PathBuf>,
+    /// The next segment's number: after every number a file here has
+    /// had, so that no recycled file takes a number it had before (its
+    /// earlier records would read as valid again).
+    next_number: u64,
+}
+
+/// The mark of a segment file's checks, from its name: 0 for the
+/// segments of earlier versions (`.log`), which are never recycled.
+fn segment_mark(name: &str) -> Option<(u64, u64)> {
+    if let Some(number) = name.strip_suffix(".seg") {
+        let number = number.parse::<u64>().ok()?;
+        Some((number, mark(number)))
+    } else {
+        Some((name.strip_suffix(".log")?.parse::<u64>().ok()?, 0))
+    }
+}
+
+fn mark(number: u64) -> u64 {
+    // Never 0 in practice, and different for every number.
+    xxhash_rust::xxh3::xxh3_64(&number.to_le_bytes())
 }
 
 impl OutboxLog {
@@ -66,17 +107,18 @@ impl OutboxLog {
             Ok(listing) => {
                 for entry in listing {
                     let path = entry?.path();
-                    let number = path
+                    let named = path
                         .file_name()
                         .and_then(|n| n.to_str())
-                        .and_then(|n| n.strip_suffix(".log"))
-                        .and_then(|n| n.parse::<u64>().ok());
-                    if let Some(number) = number {
+                        .and_then(segment_mark);
+                    if let Some((number, mark)) = named {
                         let mut max_seq = 0;
-                        let bytes = scan_segment(&path, |seq, _, _| max_seq = max_seq.max(seq))?;
+                        let bytes =
+                            scan_segment(&path, mark, |seq, _, _| max_seq = max_seq.max(seq))?;
                         segments.push(Segment {
                             number,
                             path,
+                            mark,
                             max_seq,
                             bytes,
                         });
@@ -89,8 +131,11 @@ impl OutboxLog {
         segments.sort_by_key(|s| s.number);
         Ok(OutboxLog {
             dir: dir.to_path_buf(),
+            // A file's name is the highest number it has had.
+            next_number: segments.last().map_or(1, |s| s.number + 1),
             segments,
             current: None,
+            spares: Vec::new(),
         })
     }
 
@@ -104,7 +149,7 @@ impl OutboxLog {
     pub fn pending(&self, committed: u64) -> io::Result<BTreeMap<u64, Entry>> {
         let mut out = BTreeMap::new();
         for segment in self.segments.iter().filter(|s| s.max_seq > committed) {
-            scan_segment(&segment.path, |seq, record, events| {
+            scan_segment(&segment.path, segment.mark, |seq, record, events| {
                 if seq > committed {
                     let entry = Entry {
                         seq,
@@ -160,12 +205,22 @@ impl OutboxLog {
                 ),
             ));
         }
+        // The head's check, marked as this segment's.
+        let mut header = [0; HEADER];
+        header[..4].copy_from_slice(&head[..4]);
+        let check = u64::from_le_bytes(head[4..HEADER].try_into().expect("8 bytes"));
+        header[4..].copy_from_slice(&(check ^ segment.mark).to_le_bytes());
         let file = self.current.as_mut().expect("begun above");
         if crate::failpoint::fire("mid_record") {
-            let _ = file.write_all(&[head, events].concat()[..size / 2]);
+            let _ = file.write_all(&[&header, &head[HEADER..], events].concat()[..size / 2]);
             crate::failpoint::crash("mid_record");
         }
-        if let Err(e) = write_all_vectored(file, &mut [IoSlice::new(head), IoSlice::new(events)]) {
+        let mut bufs = [
+            IoSlice::new(&header),
+            IoSlice::new(&head[HEADER..]),
+            IoSlice::new(events),
+        ];
+        if let Err(e) = write_all_vectored(file, &mut bufs) {
             self.current = None;
             return Err((segment.path.clone(), e));
         }
@@ -177,16 +232,22 @@ impl OutboxLog {
     fn begin_segment(&mut self) -> Result<(), (PathBuf, io::Error)> {
         self.current = None;
         fs::create_dir_all(&self.dir).map_err(|e| (self.dir.clone(), e))?;
-        let number = self.segments.last().map_or(1, |s| s.number + 1);
-        let path = self.dir.join(format!("{number:020}.log"));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| (path.clone(), e))?;
+        let number = self.next_number;
+        self.next_number += 1;
+        let path = self.dir.join(format!("{number:020}.seg"));
+        let file = match self.spares.pop() {
+            // Written from its start (not appended to): what it held
+            // before fails the checks of its new number.
+            Some(spare) => {
+                fs::rename(&spare, &path).and_then(|()| OpenOptions::new().write(true).open(&path))
+            }
+            None => OpenOptions::new().create_new(true).write(true).open(&path),
+        }
+        .map_err(|e| (path.clone(), e))?;
         self.segments.push(Segment {
             number,
             path,
+            mark: mark(number),
             max_seq: 0,
             bytes: 0,
         });
@@ -194,9 +255,10 @@ impl OutboxLog {
         Ok(())
     }
 
-    /// Every batch up to `seq` is committed: deletes the segments that hold
-    /// nothing else. Failing to delete one only leaves it for later (what
-    /// it holds is skipped by [`OutboxLog::pending`]).
+    /// Every batch up to `seq` is committed: the segments that hold nothing
+    /// else become spares, or are deleted. Failing to delete one only
+    /// leaves it for later (what it holds is skipped by
+    /// [`OutboxLog::pending`]).
     pub fn committed(&mut self, seq: u64) {
         let last = self.segments.len().saturating_sub(1);
         let mut kept = Vec::with_capacity(self.segments.len());
@@ -207,6 +269,10 @@ impl OutboxLog {
             }
             if i == last {
                 self.current = None;
+            }
+            if segment.mark != 0 && self.spares.len() < SPARES {
+                self.spares.push(segment.path);
+                continue;
             }
             match fs::remove_file(&segment.path) {
                 Ok(()) => {}
@@ -222,6 +288,16 @@ impl OutboxLog {
             }
         }
         self.segments = kept;
+    }
+}
+
+impl Drop for OutboxLog {
+    /// A stream that stops leaves no spare behind (one left by a crash is
+    /// an obsolete segment, recycled or deleted by the next commit).
+    fn drop(&mut self) {
+        for spare in &self.spares {
+            let _ = fs::remove_file(spare);
+        }
     }
 }
 
@@ -264,10 +340,15 @@ fn write_all_vectored(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> io::Resu
     Ok(())
 }
 
-/// Calls `each(seq, record, events)` for the valid records of a segment, in
-/// order; returns the length of its valid part. A torn or damaged record
-/// ends it.
-fn scan_segment(path: &Path, mut each: impl FnMut(u64, &[u8], &[u8])) -> io::Result<u64> {
+/// Calls `each(seq, record, events)` for the valid records of a segment
+/// whose checks carry `mark`, in order; returns the length of its valid
+/// part. A torn or damaged record, or one of the file's earlier life, ends
+/// it.
+fn scan_segment(
+    path: &Path,
+    mark: u64,
+    mut each: impl FnMut(u64, &[u8], &[u8]),
+) -> io::Result<u64> {
     let data = match fs::read(path) {
         Ok(data) => data,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -280,7 +361,7 @@ fn scan_segment(path: &Path, mut each: impl FnMut(u64, &[u8], &[u8])) -> io::Res
         let Some(body) = data.get(at + HEADER..at + HEADER + len) else {
             break;
         };
-        if len < FIXED || xxhash_rust::xxh3::xxh3_64(body) != check {
+        if len < FIXED || xxhash_rust::xxh3::xxh3_64(body) ^ mark != check {
             break;
         }
         let seq = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
@@ -316,6 +397,17 @@ mod tests {
             .unwrap_or_default();
         files.sort();
         files
+    }
+
+    /// The numbers of the segment files, in order.
+    fn names(dir: &Path) -> Vec<u64> {
+        segment_files(dir)
+            .iter()
+            .map(|f| {
+                let name = f.file_name().unwrap().to_str().unwrap();
+                segment_mark(name).unwrap().0
+            })
+            .collect()
     }
 
     #[test]
@@ -381,43 +473,107 @@ mod tests {
     }
 
     #[test]
-    fn commits_delete_segments_holding_only_committed_batches() {
+    fn commits_recycle_segments_holding_only_committed_batches() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("s.outbox");
         let mut log = OutboxLog::open(&out).unwrap();
-        // Three segments: 1-2, 3-4, 5.
+        // Four segments: 1-2, 3-4, 5-6, 7.
         let big = (SEGMENT_BYTES / 2) as usize;
-        for seq in 1..=5 {
+        for seq in 1..=7 {
             append(&mut log, &entry(seq, big));
         }
-        assert_eq!(segment_files(&out).len(), 3);
+        assert_eq!(segment_files(&out).len(), 4);
         log.committed(3);
-        assert_eq!(
-            segment_files(&out).len(),
-            2,
-            "1-2 deleted, 3-4 still needed"
-        );
+        assert_eq!(log.spares.len(), 1, "1-2 is a spare, 3-4 still needed");
         assert_eq!(
             log.pending(3).unwrap().keys().copied().collect::<Vec<_>>(),
-            [4, 5]
+            [4, 5, 6, 7]
         );
-        // A leftover of an earlier process is deleted by a later commit too.
-        let mut later = OutboxLog::open(&out).unwrap();
-        append(&mut later, &entry(6, 1));
-        later.committed(5);
-        assert_eq!(segment_files(&out).len(), 1);
-        later.committed(6);
-        assert!(segment_files(&out).is_empty());
-        // The next append begins a new segment.
-        append(&mut later, &entry(7, 1));
+        log.committed(6);
+        assert_eq!(log.spares.len(), SPARES);
+        assert_eq!(names(&out), [1, 2, 4], "3 deleted: two spares are enough");
+        // The next segments are the spares, under new numbers: no file is
+        // created, and none takes a number it had.
+        for seq in 8..=11 {
+            append(&mut log, &entry(seq, big));
+        }
+        assert_eq!(names(&out), [4, 5, 6]);
         assert_eq!(
-            later
-                .pending(6)
+            OutboxLog::open(&out)
+                .unwrap()
+                .pending(0)
                 .unwrap()
                 .keys()
                 .copied()
                 .collect::<Vec<_>>(),
-            [7]
+            [7, 8, 9, 10, 11]
         );
+        // Everything committed: the numbering goes on.
+        log.committed(11);
+        append(&mut log, &entry(12, 1));
+        assert_eq!(names(&out), [4, 7], "4 a spare, 5 reused as 7, 6 deleted");
+        // A stopped stream leaves only what is not committed.
+        drop(log);
+        assert_eq!(names(&out), [7]);
+    }
+
+    /// A recycled segment holds its earlier records after the ones written
+    /// since; whole as they are, they are not read: they carry the checks
+    /// of the file's earlier number.
+    #[test]
+    fn a_recycled_segment_reads_only_what_was_written_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("s.outbox");
+        let mut log = OutboxLog::open(&out).unwrap();
+        let big = (SEGMENT_BYTES / 2) as usize;
+        for seq in 1..=4 {
+            append(&mut log, &entry(seq, big));
+        }
+        log.committed(4);
+        assert_eq!(log.spares.len(), 2);
+        // As large as the records before it: the next earlier record starts
+        // right where it ends.
+        append(&mut log, &entry(5, big));
+        assert_eq!(names(&out), [1, 3], "2 reused as 3; 1 still a spare");
+        let recycled = out.join(format!("{:020}.seg", 3));
+        assert!(
+            fs::metadata(&recycled).unwrap().len() > big as u64 * 2,
+            "with records 3 and 4 in it"
+        );
+        let mut read = Vec::new();
+        let valid = scan_segment(&recycled, mark(3), |seq, _, _| read.push(seq)).unwrap();
+        assert_eq!(read, [5], "4 is whole but of the file's earlier life");
+        assert_eq!(valid, (HEADER + FIXED + 7 + big) as u64);
+        let pending = OutboxLog::open(&out).unwrap().pending(4).unwrap();
+        assert_eq!(pending.keys().copied().collect::<Vec<_>>(), [5]);
+        assert_eq!(pending[&5], entry(5, big));
+        // A later process appends after everything, in a segment of its
+        // own, whatever the spare's earlier life left.
+        let mut later = OutboxLog::open(&out).unwrap();
+        append(&mut later, &entry(6, 3));
+        assert_eq!(names(&out), [1, 3, 4]);
+        let pending = OutboxLog::open(&out).unwrap().pending(4).unwrap();
+        assert_eq!(pending.keys().copied().collect::<Vec<_>>(), [5, 6]);
+    }
+
+    /// Segments of versions before recycling (`.log`, unmarked checks) are
+    /// read, and deleted once committed, never reused.
+    #[test]
+    fn segments_of_earlier_versions_are_read_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("s.outbox");
+        fs::create_dir_all(&out).unwrap();
+        let old = entry(1, 10);
+        let head = head(old.seq, |b| b.extend_from_slice(&old.record), &old.events);
+        let path = out.join(format!("{:020}.log", 4));
+        fs::write(&path, [head.as_slice(), &old.events].concat()).unwrap();
+        let mut log = OutboxLog::open(&out).unwrap();
+        assert_eq!(log.pending(0).unwrap()[&1], old);
+        append(&mut log, &entry(2, 10));
+        let names = segment_files(&out);
+        assert!(names[1].ends_with(format!("{:020}.seg", 5)), "{names:?}");
+        log.committed(1);
+        assert!(!path.exists());
+        assert!(log.spares.is_empty());
     }
 }
