@@ -39,13 +39,13 @@ fn lower_priority() {
     }
 }
 
-/// The CPU priority of work run by [`Workers`].
+/// The CPU priority of work run by [`on_own_thread`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     /// [`BACKGROUND_NICE`] lower than the caller's.
-    Lower = 0,
-    /// The caller's (the first caller's, when the thread was started).
-    Same = 1,
+    Lower,
+    /// The caller's.
+    Same,
 }
 
 /// The priority of work that can wait until it falls behind (module
@@ -81,77 +81,27 @@ impl Yielding {
     }
 }
 
-/// A job for a kept thread; it sends its result (or its panic) back.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Threads kept for background work: one for each [`Priority`], started
-/// on first use and ended when this is dropped. A thread whose priority
-/// was lowered cannot be raised back, so each priority has its own.
-/// Callers' own threads (pooled ones that other work reuses) keep their
-/// priority.
-///
-/// A thread started for each run, as before, cost ≈ 2% of a 100k-user
-/// sync's CPU (`perf`, 40 commits): mimalloc collected each exiting
-/// thread's heap, with TLB shootdowns, and the next thread's heap faulted
-/// its pages in again.
-pub struct Workers {
-    name: &'static str,
-    /// By priority: `Lower`, `Same`.
-    lanes: std::sync::Mutex<[Option<std::sync::mpsc::Sender<Job>>; 2]>,
-}
-
-impl Workers {
-    /// Threads named `name` (none is started yet).
-    pub fn new(name: &'static str) -> Self {
-        Workers {
-            name,
-            lanes: std::sync::Mutex::new([None, None]),
-        }
-    }
-
-    /// Runs `f` on the thread kept for `priority` and waits for it; a
-    /// panic in `f` is resumed here. If no thread can be started, `f` runs
-    /// here.
-    pub fn run<T: Send + 'static>(
-        &self,
-        priority: Priority,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> T {
-        let (done, result) = std::sync::mpsc::sync_channel(1);
-        let job: Job = Box::new(move || {
-            let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
-        });
-        match self.lane(priority) {
-            // A kept thread ends only once its sender is dropped, and a
-            // job's panic is caught in the job: the send cannot fail.
-            Some(lane) => lane.send(job).expect("a kept thread runs until dropped"),
-            None => job(),
-        }
-        match result.recv().expect("every job sends its result") {
-            Ok(value) => value,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-
-    /// The sender of the thread kept for `priority`, started if need be.
-    fn lane(&self, priority: Priority) -> Option<std::sync::mpsc::Sender<Job>> {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let lane = &mut lanes[priority as usize];
-        if lane.is_none() {
-            let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-            let started = std::thread::Builder::new()
-                .name(self.name.into())
-                .spawn(move || {
-                    if priority == Priority::Lower {
-                        lower_priority();
-                    }
-                    while let Ok(job) = queue.recv() {
-                        job();
-                    }
-                });
-            *lane = started.ok().map(|_| jobs);
-        }
-        lane.clone()
+/// Runs `f` on a thread of its own at `priority` and waits for it; a
+/// panic in `f` is resumed here. The caller's own thread (a pooled one
+/// that other work reuses) keeps its priority. If no thread can be
+/// started, `f` runs here.
+pub fn on_own_thread<T: Send>(name: &str, priority: Priority, f: impl FnOnce() -> T + Send) -> T {
+    let mut f = Some(f);
+    let ran = std::thread::scope(|scope| {
+        let started = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(scope, || {
+                if priority == Priority::Lower {
+                    lower_priority();
+                }
+                (f.take().expect("taken once"))()
+            });
+        started.ok().map(|t| t.join())
+    });
+    match ran {
+        Some(Ok(value)) => value,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => (f.take().expect("not taken: no thread started"))(),
     }
 }
 
@@ -181,33 +131,30 @@ mod tests {
     }
 
     #[test]
-    fn background_work_runs_on_a_kept_thread_for_each_priority() {
+    fn background_work_runs_on_its_own_thread_at_the_priority_asked() {
         let caller = std::thread::current().id();
-        let workers = Workers::new("test");
-        let thread = |p| workers.run(p, || std::thread::current().id());
-        let (lower, same) = (thread(Priority::Lower), thread(Priority::Same));
-        assert!(lower != caller && same != caller && lower != same);
-        for _ in 0..3 {
-            assert_eq!(thread(Priority::Lower), lower, "kept, not started again");
-            assert_eq!(thread(Priority::Same), same);
+        for priority in [Priority::Lower, Priority::Same] {
+            let (value, other_thread) = on_own_thread("test", priority, || {
+                (7, std::thread::current().id() != caller)
+            });
+            assert_eq!(value, 7);
+            assert!(other_thread);
         }
         #[cfg(target_os = "linux")]
         {
             let before = nice_of_this_thread();
-            let inside = workers.run(Priority::Lower, nice_of_this_thread);
+            let inside = on_own_thread("test", Priority::Lower, nice_of_this_thread);
             assert_eq!(inside, (before + BACKGROUND_NICE).min(19));
-            let inside = workers.run(Priority::Same, nice_of_this_thread);
+            let inside = on_own_thread("test", Priority::Same, nice_of_this_thread);
             assert_eq!(inside, before);
             // The caller's own priority is left as it was.
             assert_eq!(nice_of_this_thread(), before);
         }
-        // A panic there is a panic here, and the thread goes on.
-        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            workers.run(Priority::Lower, || panic!("in the commit"))
-        }));
+        // A panic there is a panic here.
+        let panicked = std::panic::catch_unwind(|| {
+            on_own_thread("test", Priority::Lower, || panic!("in the commit"))
+        });
         let message = panicked.unwrap_err();
         assert_eq!(message.downcast_ref::<&str>(), Some(&"in the commit"));
-        assert_eq!(thread(Priority::Lower), lower);
-        assert_eq!(workers.run(Priority::Lower, || 7), 7);
     }
 }

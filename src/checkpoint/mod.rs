@@ -721,20 +721,20 @@ impl Store {
             .spawn(move || {
                 let mut conn = conn;
                 let mut priority = crate::background::Yielding::new(WAL_BEHIND_OWN_PRIORITY);
-                // This thread only waits for them (it keeps its priority:
-                // `crate::background`).
-                let threads = crate::background::Workers::new("graphdelta-wal");
                 // Ends when the writer removes its hook (the last sender).
                 while let Ok(behind) = asked.recv() {
                     if behind {
                         priority.fell_behind();
                     }
+                    // Each on a thread of its own: one at the lower priority
+                    // cannot be raised back (`crate::background`).
                     let next = priority.next_run();
                     if next == crate::background::Priority::Same {
                         counted_own.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     let done;
-                    (conn, done) = threads.run(
+                    (conn, done) = crate::background::on_own_thread(
+                        "graphdelta-wal",
                         next,
                         move || {
                             let done =

@@ -376,8 +376,6 @@ pub struct StreamRunner {
     committed: StreamCheckpoint,
     host: String,
     commit_priority: crate::background::Yielding,
-    /// The threads background commits run on, one for each priority.
-    commit_threads: Arc<crate::background::Workers>,
 }
 
 /// Background commits run at a lower priority, so that they yield the
@@ -414,7 +412,6 @@ impl StreamRunner {
             committed: StreamCheckpoint::default(),
             host,
             commit_priority: crate::background::Yielding::new(COMMITS_AT_OWN_PRIORITY),
-            commit_threads: Arc::new(crate::background::Workers::new("graphdelta-commit")),
         }
     }
 
@@ -1116,10 +1113,9 @@ impl StreamRunner {
         // six runs each, alternating: 0.60-0.64 s against 0.64-0.73 s; 1M
         // users: no clear change (7.6-7.9 s against 7.6-7.7 s).
         let priority = self.commit_priority.next_run();
-        let threads = self.commit_threads.clone();
         // The writes are dropped there too, off the loop.
         let done = tokio::task::spawn_blocking(move || {
-            threads.run(priority, move || {
+            crate::background::on_own_thread("graphdelta-commit", priority, move || {
                 store
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
