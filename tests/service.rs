@@ -267,45 +267,16 @@ async fn a_commit_held_up_by_the_disk_is_counted_as_a_wait() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
-    let config = dir.path().join("connector.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[graph]
-base_url = "{base}"
-token_url = "{token}"
-tenant_id = "contoso.onmicrosoft.com"
-client_id = "graphdelta-simulator"
-client_secret_env = "{SECRET_ENV}"
-
-[[streams]]
-name = "users"
-resource = "users"
-poll_interval = "1h"
-
-[sink]
-type = "file"
-path = "events.ndjson"
-
-[checkpoint]
-path = "state"
-
-[http]
-listen = "127.0.0.1:{port}"
-"#,
-            base = handle.base_url(),
-            token = handle.token_url(),
-        ),
-    )
-    .unwrap();
+    // Users and (no) groups, each in a store of its own.
+    let config = write_config(dir.path(), &handle.base_url(), &handle.token_url(), port);
     let log = dir.path().join("run.log");
     let mut child = spawn(&config, &log, false);
     let base = format!("http://127.0.0.1:{port}");
     let pages = async || -> Option<u64> {
         let (_, body) = common::get(&format!("{base}/status")).await?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        v["streams"].as_array()?.first()?["pages"].as_u64()
+        let streams = v["streams"].as_array()?;
+        streams.iter().find(|s| s["stream"] == "users")?["pages"].as_u64()
     };
     common::poll("the round under way", Duration::from_secs(30), async || {
         pages().await.filter(|p| *p >= 3)
@@ -336,7 +307,9 @@ listen = "127.0.0.1:{port}"
     common::poll("the round finished", Duration::from_secs(60), async || {
         let (_, body) = common::get(&format!("{base}/status")).await?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        (v["streams"].as_array()?.first()?["rounds_completed"].as_u64()? >= 1).then_some(())
+        let streams = v["streams"].as_array()?;
+        let users = streams.iter().find(|s| s["stream"] == "users")?;
+        (users["rounds_completed"].as_u64()? >= 1).then_some(())
     })
     .await;
     let ok = Command::new("kill")
@@ -347,8 +320,11 @@ listen = "127.0.0.1:{port}"
     let exit = wait_exit(&mut child, Duration::from_secs(30));
     assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
     let events = read_events(&dir.path().join("events.ndjson"));
-    let ids: std::collections::HashSet<&str> =
-        events.iter().map(|e| e.object_id.as_str()).collect();
+    let ids: std::collections::HashSet<&str> = events
+        .iter()
+        .filter(|e| e.stream == "users")
+        .map(|e| e.object_id.as_str())
+        .collect();
     assert_eq!(
         ids.len(),
         40_000,
