@@ -90,26 +90,80 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// SIGTERM, as an operator stops it: the exit status and the log.
+fn terminate(child: &mut Child, log: &Path) -> (std::process::ExitStatus, String) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let exit = wait_exit(child, Duration::from_secs(30));
+    (exit, std::fs::read_to_string(log).unwrap())
+}
+
+/// A simulator serving `sim`, and `graphdelta run` against it with the
+/// connector file of [`write_config`] in a directory of its own.
+struct Service {
+    simulator: Simulator,
+    handle: graphdelta::simulator::SimHandle,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    child: Child,
+    base: String,
+}
+
+impl Service {
+    async fn start(sim: SimConfig) -> Service {
+        let simulator = Simulator::new(sim);
+        let handle = simulator
+            .clone()
+            .spawn(([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port();
+        let config = write_config(dir.path(), &handle.base_url(), &handle.token_url(), port);
+        let log = dir.path().join("run1.log");
+        let child = spawn(&config, &log, false);
+        Service {
+            simulator,
+            handle,
+            dir,
+            config,
+            log,
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// One stream's entry of `/status`.
+    async fn status_of(&self, stream: &str) -> Option<serde_json::Value> {
+        let (_, body) = common::get(&format!("{}/status", self.base)).await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let streams = v["streams"].as_array()?;
+        streams.iter().find(|s| s["stream"] == stream).cloned()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
-    let simulator = Simulator::new(SimConfig {
+    let Service {
+        simulator,
+        handle,
+        dir,
+        config,
+        log,
+        mut child,
+        base,
+    } = Service::start(SimConfig {
         users: 3000,
         groups: 30,
         page_size: 100,
         page_latency: Duration::from_millis(40),
         ..SimConfig::default()
-    });
-    let handle = simulator
-        .clone()
-        .spawn(([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let config = write_config(dir.path(), &handle.base_url(), &handle.token_url(), port);
-    let log = dir.path().join("run1.log");
-    let mut child = spawn(&config, &log, false);
-    let base = format!("http://127.0.0.1:{port}");
+    })
+    .await;
 
     common::poll("liveness", Duration::from_secs(30), async || {
         common::get(&format!("{base}/health/live"))
@@ -165,13 +219,7 @@ async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
 
     // SIGTERM mid-round: in-flight batches are acknowledged and committed,
     // exit 0.
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let exit = wait_exit(&mut child, Duration::from_secs(30));
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    let (exit, log_text) = terminate(&mut child, &log);
     assert!(exit.success(), "exit {exit:?}\n{log_text}");
     assert!(
         log_text.contains("Shutdown requested") || log_text.contains("Shutting down"),
@@ -251,7 +299,8 @@ async fn service_mode_metrics_status_readiness_and_graceful_shutdown() {
 /// a second, stands in for a slow disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_held_up_by_the_disk_is_counted_as_a_wait() {
-    let simulator = Simulator::new(SimConfig {
+    // Users and (no) groups, each in a store of its own.
+    let mut service = Service::start(SimConfig {
         users: 40_000,
         groups: 0,
         applications: 0,
@@ -259,30 +308,14 @@ async fn a_commit_held_up_by_the_disk_is_counted_as_a_wait() {
         page_size: 200,
         page_latency: Duration::from_millis(10),
         ..SimConfig::default()
-    });
-    let handle = simulator
-        .clone()
-        .spawn(([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    // Users and (no) groups, each in a store of its own.
-    let config = write_config(dir.path(), &handle.base_url(), &handle.token_url(), port);
-    let log = dir.path().join("run.log");
-    let mut child = spawn(&config, &log, false);
-    let base = format!("http://127.0.0.1:{port}");
-    let pages = async || -> Option<u64> {
-        let (_, body) = common::get(&format!("{base}/status")).await?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let streams = v["streams"].as_array()?;
-        streams.iter().find(|s| s["stream"] == "users")?["pages"].as_u64()
-    };
-    common::poll("the round under way", Duration::from_secs(30), async || {
-        pages().await.filter(|p| *p >= 3)
     })
     .await;
-    let store = graphdelta::checkpoint::store_path(&dir.path().join("state"), "users");
+    let users = async || service.status_of("users").await;
+    common::poll("the round under way", Duration::from_secs(30), async || {
+        users().await?["pages"].as_u64().filter(|p| *p >= 3)
+    })
+    .await;
+    let store = graphdelta::checkpoint::store_path(&service.dir.path().join("state"), "users");
     let held = rusqlite::Connection::open(&store).unwrap();
     held.execute_batch("BEGIN IMMEDIATE").unwrap();
     // A slow disk, not a wait for a condition: the commit under way stays
@@ -292,7 +325,7 @@ async fn a_commit_held_up_by_the_disk_is_counted_as_a_wait() {
     held.execute_batch("COMMIT").unwrap();
     drop(held);
     let waits = common::poll("the wait counted", Duration::from_secs(30), async || {
-        let (_, metrics) = common::get(&format!("{base}/metrics")).await?;
+        let (_, metrics) = common::get(&format!("{}/metrics", service.base)).await?;
         let line = metrics
             .lines()
             .find(|l| l.starts_with("graphdelta_commit_waits_total{stream=\"users\"}"))?;
@@ -305,21 +338,12 @@ async fn a_commit_held_up_by_the_disk_is_counted_as_a_wait() {
     .await;
     assert!(waits >= 1);
     common::poll("the round finished", Duration::from_secs(60), async || {
-        let (_, body) = common::get(&format!("{base}/status")).await?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let streams = v["streams"].as_array()?;
-        let users = streams.iter().find(|s| s["stream"] == "users")?;
-        (users["rounds_completed"].as_u64()? >= 1).then_some(())
+        (users().await?["rounds_completed"].as_u64()? >= 1).then_some(())
     })
     .await;
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let exit = wait_exit(&mut child, Duration::from_secs(30));
-    assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
-    let events = read_events(&dir.path().join("events.ndjson"));
+    let (exit, log) = terminate(&mut service.child, &service.log);
+    assert!(exit.success(), "{log}");
+    let events = read_events(&service.dir.path().join("events.ndjson"));
     let ids: std::collections::HashSet<&str> = events
         .iter()
         .filter(|e| e.stream == "users")
@@ -330,7 +354,7 @@ async fn a_commit_held_up_by_the_disk_is_counted_as_a_wait() {
         40_000,
         "objects lost while the commit was held up"
     );
-    handle.shutdown().await;
+    service.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,11 +464,7 @@ probe_interval = "200ms"
     })
     .await;
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let exit = wait_exit(&mut child, Duration::from_secs(30));
-    assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    let (exit, log) = terminate(&mut child, &log);
+    assert!(exit.success(), "{log}");
     handle.shutdown().await;
 }
