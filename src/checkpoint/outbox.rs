@@ -20,7 +20,7 @@
 //! instant, not a power loss, which can also roll the checkpoint back.
 //!
 //! Segments are recycled: one that holds only committed batches is kept as
-//! a spare (up to [`SPARES`]), renamed to the next segment's number when one
+//! a spare (up to `SPARES`), renamed to the next segment's number when one
 //! is begun, and overwritten from its start. Overwriting pages the file
 //! already has costs the kernel less than appending to a new file and
 //! deleting it: writing 1.2 GB in 300 kB records through 8 MiB segments
