@@ -188,11 +188,7 @@ async fn events_fold_into_the_ground_truth_across_churn_and_resyncs() {
         seed: 7,
         ..SimConfig::default()
     });
-    let handle = simulator
-        .clone()
-        .spawn(([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let handle = common::serve(&simulator).await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(&handle, dir.path());
 

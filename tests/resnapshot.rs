@@ -23,11 +23,7 @@ async fn resnapshot_announces_everything_and_loses_no_change() {
         page_size: 50,
         ..SimConfig::default()
     });
-    let handle = simulator
-        .clone()
-        .spawn(([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let handle = common::serve(&simulator).await;
     let dir = tempfile::tempdir().unwrap();
     let config = file_config(
         &handle.base_url(),

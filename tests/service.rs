@@ -116,11 +116,7 @@ struct Service {
 impl Service {
     async fn start(sim: SimConfig) -> Service {
         let simulator = Simulator::new(sim);
-        let handle = simulator
-            .clone()
-            .spawn(([127, 0, 0, 1], 0).into())
-            .await
-            .unwrap();
+        let handle = common::serve(&simulator).await;
         let dir = tempfile::tempdir().unwrap();
         let port = common::free_port();
         let config = write_config(dir.path(), &handle.base_url(), &handle.token_url(), port);
@@ -370,11 +366,7 @@ async fn readiness_reports_a_sink_outage_and_recovers() {
         groups: 5,
         ..SimConfig::default()
     });
-    let handle = simulator
-        .clone()
-        .spawn(([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let handle = common::serve(&simulator).await;
     let upstream: url::Url = rabbitmq_util::amqp_url().parse().unwrap();
     let upstream_addr = format!(
         "{}:{}",

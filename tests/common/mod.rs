@@ -260,6 +260,17 @@ retry_max = "50ms"
     Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }
 
+/// `simulator` serving on a free loopback port.
+pub async fn serve(
+    simulator: &graphdelta::simulator::Simulator,
+) -> graphdelta::simulator::SimHandle {
+    simulator
+        .clone()
+        .spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("the simulator listens on loopback")
+}
+
 pub fn set_secret() {
     // SAFETY: every test sets the same value; nothing reads it concurrently
     // in a way that could observe a torn write.
